@@ -1,0 +1,230 @@
+"""The stochastic-depth gate that replaces a residual add, and the state the gates share.
+
+A gate is called by its block's rewritten forward as ``gate(branch, shortcut, *inputs)``:
+``branch`` is the residual branch as a function of ``inputs``; the gate decides whether to run
+it. That is what makes a dropped branch free: its modules are never called, forward or
+backward.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import NotConvertedError
+from .schedules import Schedule, check_rate, rescale, spread
+
+MODES = ("block", "sample")
+SCALINGS = ("expectation", "inverted")
+CONTROLLER_ATTR = "_sdsurgery"
+
+
+class GateController:
+    """What all gates of one converted model share: settings and the random generator.
+
+    Decisions come from ``generator`` (a CPU ``torch.Generator``), never from the global RNG:
+    the same seed reproduces them exactly, and data-parallel ranks with the same seed drop
+    the same branches at the same step. ``state_dict`` / ``load_state_dict`` save and restore
+    it (accelerate's ``register_for_checkpointing`` accepts this object as it is).
+    """
+
+    def __init__(self, *, seed: int, schedule: Schedule, drop_rate: float, count: int,
+                 mode: str, scaling: str):
+        self.seed = int(seed)
+        self.generator = torch.Generator()
+        self.generator.manual_seed(self.seed)
+        self.schedule = schedule
+        self.drop_rate = float(drop_rate)
+        self.count = count  # residual branches found, gated or not (the schedule spans all)
+        self.mode = mode
+        self.scaling = scaling
+        self.gates: list[StochasticDepthGate] = []
+        self.installs: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []  # owner, gates, branch fns
+        self.neutralised: list[tuple[str, str, Any]] = []  # module, attribute, original value
+        self.skipped: list[tuple[str, str]] = []  # residual name, reason
+        self._custom_probs: list[float] | None = None
+
+    def probabilities(self, drop_rate: float) -> list[float]:
+        if isinstance(self.schedule, str):
+            return spread(self.schedule, drop_rate, self.count)
+        if self._custom_probs is None:
+            self._custom_probs = spread(self.schedule, drop_rate, self.count)
+            return list(self._custom_probs)
+        return rescale(self._custom_probs, drop_rate)
+
+    def set_drop_rate(self, drop_rate: float) -> None:
+        probs = self.probabilities(check_rate(drop_rate))
+        for g in self.gates:
+            g.drop_prob = probs[g.index]
+        self.drop_rate = float(drop_rate)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state(), "drop_rate": self.drop_rate,
+                "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+        self.seed = int(state.get("seed", self.seed))
+        if "drop_rate" in state:
+            self.set_drop_rate(state["drop_rate"])
+
+    def __repr__(self) -> str:
+        return (f"GateController(gates={len(self.gates)}, drop_rate={self.drop_rate}, "
+                f"schedule={self.schedule!r}, mode={self.mode!r}, scaling={self.scaling!r}, "
+                f"seed={self.seed})")
+
+
+class StochasticDepthGate(nn.Module):
+    """Replaces ``shortcut + branch`` of one residual connection.
+
+    Training (``drop_prob = p > 0``):
+
+    * ``mode="block"``: one draw per call; with probability ``p`` the branch is not run and the
+      output is (a copy of) the shortcut.
+    * ``mode="sample"``: one draw per sample; the branch runs on the kept samples only
+      (gather, compute, ``index_add``). Branches whose inputs include sizes read from the
+      full batch fall back to running on every sample and masking (``sample_fallback``).
+    * ``scaling="expectation"``: kept branches are added as they are; ``"inverted"``: they are
+      multiplied by ``1 / (1 - p)``.
+
+    Eval: ``shortcut + (1 - p) * branch`` with expectation scaling, ``shortcut + branch`` with
+    inverted scaling (the unmodified network). With ``p == 0`` the gate is a plain add.
+
+    Shapes: ``shortcut`` and the branch output have the same shape ``(N, ...)``, batch first.
+    """
+
+    def __init__(self, *, name: str, index: int, drop_prob: float, controller: GateController,
+                 shortcut: str, fold_target: str | None, fold_params: tuple[str, ...],
+                 fold_blocker: str | None, batched: tuple[bool, ...], sample_fallback: bool,
+                 drop_modules: tuple[str, ...] = ()):
+        super().__init__()
+        self.name = name
+        self.index = index
+        self.drop_prob = float(drop_prob)
+        self.controller = controller
+        self.shortcut = shortcut
+        self.fold_target = fold_target
+        self.fold_params = fold_params
+        self.fold_blocker = fold_blocker
+        self.batched = batched
+        self.sample_fallback = sample_fallback
+        self.drop_modules = drop_modules
+        self.frozen = False  # set by fold(keep_scale=True): always on, eval behaviour
+
+    @property
+    def survival_prob(self) -> float:
+        return 1.0 - self.drop_prob
+
+    @property
+    def mode(self) -> str:
+        return self.controller.mode
+
+    @property
+    def scaling(self) -> str:
+        return self.controller.scaling
+
+    def needs_scale(self) -> bool:
+        """Whether eval mode scales the branch (what ``fold`` must put into the weights)."""
+        return self.controller.scaling == "expectation" and self.drop_prob > 0.0
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name!r}, drop_prob={self.drop_prob:.4g}, mode={self.mode}, "
+                f"scaling={self.scaling}" + (", frozen" if self.frozen else ""))
+
+    def forward(self, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor,
+                *inputs: Any) -> torch.Tensor:
+        p = self.drop_prob
+        if p == 0.0:
+            return shortcut + branch(*inputs)
+        expectation = self.controller.scaling == "expectation"
+        if not self.training or self.frozen:
+            out = branch(*inputs)
+            return shortcut + out * (1.0 - p) if expectation else shortcut + out
+        scale = 1.0 if expectation else 1.0 / (1.0 - p)
+        gen = self.controller.generator
+        if self.controller.mode == "block":
+            if torch.rand((), generator=gen).item() < p:
+                # A fresh tensor: the next op may be in-place (ReLU(inplace=True)) and the
+                # shortcut may be saved for backward.
+                return shortcut.clone()
+            out = branch(*inputs)
+            return shortcut + (out if scale == 1.0 else out * scale)
+        n = shortcut.shape[0]
+        keep = torch.rand(n, generator=gen) >= p
+        kept = int(keep.sum())
+        if kept == 0:
+            return shortcut.clone()
+        if kept == n:
+            out = branch(*inputs)
+            return shortcut + (out if scale == 1.0 else out * scale)
+        if self.sample_fallback:
+            mask = keep.to(device=shortcut.device, dtype=shortcut.dtype)
+            mask = mask.view(n, *([1] * (shortcut.dim() - 1))) * scale
+            return shortcut + branch(*inputs) * mask
+        idx = keep.nonzero().squeeze(1).to(shortcut.device, non_blocking=True)
+        sub = [x.index_select(0, idx) if b and isinstance(x, torch.Tensor) and x.dim() > 0
+               and x.shape[0] == n else x for x, b in zip(inputs, self.batched)]
+        out = branch(*sub)
+        if scale != 1.0:
+            out = out * scale
+        return shortcut.index_add(0, idx, out.to(shortcut.dtype))
+
+
+# ------------------------------------------------------------------------- model helpers
+def controller_of(model: nn.Module) -> GateController:
+    ctrl = model.__dict__.get(CONTROLLER_ATTR)
+    if ctrl is None:
+        raise NotConvertedError(f"{type(model).__name__} carries no stochastic-depth gates; "
+                                f"convert it first with sdsurgery.convert(model)")
+    return ctrl
+
+
+def is_converted(model: nn.Module) -> bool:
+    return CONTROLLER_ATTR in model.__dict__ or any(
+        isinstance(m, StochasticDepthGate) for m in model.modules())
+
+
+def installed_gates(model: nn.Module) -> list[StochasticDepthGate]:
+    """The gates of a converted model, in depth order."""
+    controller_of(model)
+    found = [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
+    return sorted(found, key=lambda g: g.index)
+
+
+def uninstall(model: nn.Module, keep: set[str] = frozenset()) -> None:
+    """Remove gates and rewritten forwards, restore neutralised drop modules.
+
+    Blocks holding a gate named in ``keep`` keep their rewritten forward; their other gates
+    become plain adds and the kept ones are frozen at their eval behaviour.
+    """
+    ctrl = controller_of(model)
+    remaining: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
+    for owner_name, gate_attrs, branch_attrs in ctrl.installs:
+        owner = model.get_submodule(owner_name)
+        gates = [getattr(owner, a) for a in gate_attrs]
+        if any(g.name in keep for g in gates):
+            for g in gates:
+                if g.name in keep:
+                    g.frozen = True
+                else:
+                    g.drop_prob = 0.0
+            remaining.append((owner_name, gate_attrs, branch_attrs))
+            continue
+        owner.__dict__.pop("forward", None)
+        for a in branch_attrs:
+            owner.__dict__.pop(a, None)
+        for a in gate_attrs:
+            delattr(owner, a)
+    for module_name, attr, value in ctrl.neutralised:
+        setattr(model.get_submodule(module_name), attr, value)
+    if remaining:
+        ctrl.installs = remaining
+        ctrl.gates = [g for g in ctrl.gates if _attached(model, g)]
+        ctrl.neutralised = []
+    else:
+        del model.__dict__[CONTROLLER_ATTR]
+
+
+def _attached(model: nn.Module, gate: StochasticDepthGate) -> bool:
+    return any(m is gate for m in model.modules())

@@ -1,0 +1,226 @@
+"""What the operations in an fx graph mean for stochastic-depth surgery.
+
+Three questions are answered here, node by node, from the node alone (and the module it calls):
+
+* Is it a tensor add (a candidate residual connection)?  :func:`add_operands`
+* What kind of value does it produce: a tensor, or shape arithmetic?  :func:`value_kinds`
+* Can it sit on a shortcut (identity or a short projection)?  :func:`shortcut_role`
+
+Which operations commute with a positive scale, and which layers can absorb one, is the
+concern of :mod:`sdsurgery.fold`.
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from typing import Iterable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------- adds
+ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
+
+
+def is_add_call(node: fx.Node) -> bool:
+    """True for every add-like call, whatever the operand types (tensors, ints, tuples)."""
+    if node.op == "call_function":
+        return node.target in ADD_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in ADD_METHODS
+    return False
+
+
+def is_inplace_add(node: fx.Node) -> bool:
+    return node.op == "call_method" and node.target in ("add_", "__iadd__")
+
+
+def add_operands(node: fx.Node, kinds: dict[fx.Node, str]) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensor operands of a plain tensor add, or None.
+
+    An add with ``alpha`` or an ``out=`` argument, or with an operand that is not a tensor
+    produced in the graph (a Python number, a tuple, shape arithmetic), is not a candidate.
+    """
+    if not is_add_call(node) or len(node.args) < 2:
+        return None
+    if any(k not in ("out",) for k in node.kwargs) or node.kwargs.get("out") is not None:
+        return None
+    a, b = node.args[0], node.args[1]
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    if kinds.get(a) != "tensor" or kinds.get(b) != "tensor":
+        return None
+    return a, b
+
+
+# ---------------------------------------------------------------------------- value kinds
+_SHAPE_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist", "__len__", "stride",
+                  "element_size", "get_device", "data_ptr", "is_contiguous", "is_floating_point"}
+_SHAPE_ATTRS = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad", "layout"}
+
+
+def value_kinds(graph: fx.Graph, root: nn.Module) -> dict[fx.Node, str]:
+    """Classify each node's value as ``"tensor"`` or ``"other"`` (shapes, ints, dtypes, ...).
+
+    fx gives no types, so this follows the data: sizes and attributes like ``.shape`` are
+    "other", arithmetic on "other" values stays "other", and anything touching a tensor is a
+    tensor. Placeholders are taken to be tensors (non-tensor arguments are traced concretely).
+    """
+    kinds: dict[fx.Node, str] = {}
+    for n in graph.nodes:
+        if n.op == "placeholder":
+            kinds[n] = "tensor"
+        elif n.op == "get_attr":
+            kinds[n] = "tensor" if isinstance(_get_attr(root, n.target), torch.Tensor) else "other"
+        elif n.op == "call_module":
+            kinds[n] = "tensor"
+        elif n.op == "output":
+            kinds[n] = "other"
+        elif n.op == "call_method" and n.target in _SHAPE_METHODS:
+            kinds[n] = "other"
+        elif n.op == "call_function" and n.target is builtins.getattr and len(n.args) > 1 \
+                and n.args[1] in _SHAPE_ATTRS:
+            kinds[n] = "other"
+        elif n.op == "call_function" and n.target is builtins.len:
+            kinds[n] = "other"
+        else:
+            inputs = n.all_input_nodes
+            kinds[n] = "tensor" if any(kinds.get(i) == "tensor" for i in inputs) else "other"
+    return kinds
+
+
+def _get_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def get_attr(root: nn.Module, target: str):
+    """Resolve a dotted attribute path on ``root`` (None when it does not exist)."""
+    return _get_attr(root, target)
+
+
+# ------------------------------------------------------------------------------ shortcuts
+# Modules that may stand on a shortcut. "identity" ones pass the tensor through unchanged in
+# value (at eval); the others make it a projection.
+_IDENTITY_MODULES: tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d,
+                                       nn.Dropout3d, nn.AlphaDropout)
+_PROJECTION_MODULES: tuple[type, ...] = (
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
+    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+    nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.Flatten, nn.Upsample,
+)
+_MIXING_MODULES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+_IDENTITY_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d}
+_PROJECTION_FUNCTIONS = {
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.max_pool1d, F.max_pool2d, F.max_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pad, F.interpolate,
+    F.batch_norm, F.layer_norm, F.group_norm, F.conv1d, F.conv2d, F.conv3d, F.linear,
+    operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose,
+}
+_MIXING_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear}
+_IDENTITY_METHODS = {"contiguous", "clone", "to", "type_as", "float", "half", "bfloat16"}
+_PROJECTION_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unsqueeze",
+                       "squeeze", "expand", "repeat"}
+
+
+def extra_identity_modules() -> tuple[type, ...]:
+    """Stochastic-depth modules of timm and torchvision: identities at eval."""
+    types: list[type] = []
+    try:
+        from timm.layers import DropPath
+        types.append(DropPath)
+    except Exception:  # pragma: no cover - timm is a dependency, but keep the core importable
+        pass
+    try:
+        from torchvision.ops import StochasticDepth
+        types.append(StochasticDepth)
+    except Exception:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+_DROP_MODULES = extra_identity_modules()
+
+
+def is_drop_module(m: nn.Module) -> bool:
+    """timm ``DropPath`` or torchvision ``StochasticDepth``."""
+    return isinstance(m, _DROP_MODULES)
+
+
+def _module_role(m: nn.Module) -> str | None:
+    if isinstance(m, _IDENTITY_MODULES) or is_drop_module(m):
+        return "identity"
+    if type(m) is nn.Sequential or isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+        roles = [_module_role(c) for c in m]
+        if any(r is None for r in roles):
+            return None
+        mixing = sum(r == "mixing" for r in roles)
+        if mixing > 1:
+            return None
+        if mixing == 1:
+            return "mixing"
+        return "projection" if "projection" in roles else "identity"
+    if isinstance(m, _MIXING_MODULES):
+        return "mixing"
+    if isinstance(m, _PROJECTION_MODULES):
+        # A norm with a fused activation (timm BatchNormAct2d) is not a plain projection
+        # unless the activation is an identity.
+        act = getattr(m, "act", None)
+        if isinstance(act, nn.Module) and not isinstance(act, _IDENTITY_MODULES):
+            return None
+        return "projection"
+    return None
+
+
+def shortcut_role(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """How ``node`` may take part in a shortcut.
+
+    Returns ``"identity"`` (value passes through unchanged), ``"projection"`` (a cheap,
+    parameter-light transform: norm, pooling, padding, reshapes), ``"mixing"`` (one conv or
+    linear map: at most one is allowed on a projection shortcut) or None (not a shortcut op:
+    activations, attention, arbitrary arithmetic...).
+    """
+    if node.op == "call_module":
+        return _module_role(modules[node.target])
+    if node.op == "call_function":
+        if node.target in _IDENTITY_FUNCTIONS:
+            return "identity"
+        if node.target in _MIXING_FUNCTIONS:
+            return "mixing"
+        if node.target in _PROJECTION_FUNCTIONS:
+            return "projection"
+        if node.target is torch.cat:
+            return "projection"  # zero channel padding, checked by the caller's data-input rule
+        return None
+    if node.op == "call_method":
+        if node.target in _IDENTITY_METHODS:
+            return "identity"
+        if node.target in _PROJECTION_METHODS:
+            return "projection"
+        return None
+    return None
+
+
+def module_has_params(m: nn.Module) -> bool:
+    return any(True for _ in m.parameters())
+
+
+def param_count(modules: Iterable[nn.Module]) -> int:
+    seen: set[int] = set()
+    total = 0
+    for m in modules:
+        for p in m.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total

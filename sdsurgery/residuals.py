@@ -1,0 +1,352 @@
+"""Finding residual connections in a traced model.
+
+A residual connection is a tensor add ``shortcut + branch`` where
+
+* both operands descend from one *fork* tensor ``x`` (their latest common ancestor);
+* the shortcut side is ``x`` itself (an *identity* shortcut) or ``x`` through a short chain of
+  shortcut operations: at most one conv/linear map plus norms, pooling, padding and reshapes
+  (a *projection* shortcut). Activations, attention or arbitrary arithmetic disqualify it;
+* the branch side carries parameters.
+
+This leaves out position-embedding adds (one side is a parameter: no common ancestor),
+rotary embeddings (neither side is a shortcut chain, nor carries parameters), shape or tuple
+arithmetic (not tensors), and sums of two real branches (neither side is a short chain).
+When both operands qualify, the identity side, then the side with fewer parameters, is the
+shortcut (``pb(proj(x)) + b2(c2(x))`` is a projection block whichever order it is written in).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import NoResidualsError
+from .ops import (add_operands, is_add_call, is_drop_module, is_inplace_add, get_attr,
+                  shortcut_role, value_kinds)
+from .tracing import FlatTrace, LeafSpec, trace_model
+
+_MAX_SHORTCUT_OPS = 8
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One residual connection ``shortcut + branch`` of a model.
+
+    Attributes:
+        name: stable name from the module path (``layer3.5``, ``blocks.4.attn``).
+        index: position in depth order (0 = closest to the input).
+        owner: qualified name of the module whose ``forward`` performs the add ('' = the model).
+        shortcut: ``"identity"`` or ``"projection"``.
+        modules: qualified names of the modules on the branch, in execution order.
+        shortcut_modules: qualified names of the modules on the shortcut (empty for identity).
+        params: number of parameters on the branch.
+        fold_target: qualified name of the layer (or layer-scale parameter) the survival scale
+            folds into, or None when it cannot be folded (see ``fold_blocker``).
+        fold_params: the parameters that get multiplied when folding.
+        fold_blocker: why the scale cannot be folded, or None.
+        drop_modules: existing stochastic-depth modules (timm ``DropPath``, torchvision
+            ``StochasticDepth``) on the branch; ``convert`` neutralises them.
+        add_position: which add call of the owner's forward this is (0-based), and
+        branch_operand: which operand of that add is the branch (0 or 1); both are used to
+            find the add again when the owner is traced on its own.
+    """
+
+    name: str
+    index: int
+    owner: str
+    shortcut: str
+    modules: tuple[str, ...]
+    shortcut_modules: tuple[str, ...]
+    params: int
+    fold_target: str | None
+    fold_params: tuple[str, ...]
+    fold_blocker: str | None
+    drop_modules: tuple[str, ...]
+    add_position: int = field(repr=False, default=0)
+    branch_operand: int = field(repr=False, default=1)
+
+    def __repr__(self) -> str:  # one line, readable in a list
+        fold = self.fold_target if self.fold_target else f"<not foldable: {self.fold_blocker}>"
+        return (f"Residual({self.name!r}, shortcut={self.shortcut}, modules={len(self.modules)}, "
+                f"params={self.params}, fold_target={fold!r})")
+
+
+@dataclass(frozen=True)
+class RejectedAdd:
+    """A tensor add that was not taken as a residual connection, and why."""
+
+    owner: str
+    node: str
+    reason: str
+
+
+@dataclass
+class Analysis:
+    """Everything :func:`analyse` learns about a model."""
+
+    residuals: list[Residual]
+    rejected: list[RejectedAdd]
+    trace: FlatTrace = field(repr=False)
+
+
+def find_residuals(model: nn.Module, *, leaf_modules: LeafSpec = ()) -> list[Residual]:
+    """The residual connections of ``model``, in depth order.
+
+    Args:
+        model: any ``nn.Module`` torch.fx can trace (timm, torchvision, custom).
+        leaf_modules: module classes, qualified names or module objects fx must not trace into.
+
+    Raises:
+        TraceError: fx cannot trace the model; the message names the module and how to mark it
+            a leaf.
+    """
+    return analyse(model, leaf_modules=leaf_modules).residuals
+
+
+def analyse(model: nn.Module, *, leaf_modules: LeafSpec = ()) -> Analysis:
+    """Trace ``model`` and classify every tensor add (see the module docstring)."""
+    from .gates import is_converted  # local: gates imports nothing from here, keep it that way
+
+    if is_converted(model):
+        raise ValueError("the model is already converted (it carries stochastic-depth gates); "
+                         "call sdsurgery.fold(model) first, or use sdsurgery.gates(model)")
+    ft = trace_model(model, leaf_modules)
+    return _Analyser(ft).run()
+
+
+def select(residuals: Sequence[Residual], include: Sequence[str] | str | None,
+           exclude: Sequence[str] | str | None) -> list[Residual]:
+    """Residuals whose name matches any ``include`` glob (all when None) and no ``exclude`` glob."""
+    inc = [include] if isinstance(include, str) else list(include or [])
+    exc = [exclude] if isinstance(exclude, str) else list(exclude or [])
+    out = []
+    for r in residuals:
+        if inc and not any(fnmatch.fnmatchcase(r.name, p) for p in inc):
+            continue
+        if any(fnmatch.fnmatchcase(r.name, p) for p in exc):
+            continue
+        out.append(r)
+    return out
+
+
+# ------------------------------------------------------------------------------ internals
+def owner_of(node: fx.Node) -> str:
+    """Qualified name of the innermost module whose forward created ``node`` ('' = root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    return list(stack.values())[-1][0]
+
+
+def redirect_inplace_adds(graph: fx.Graph) -> None:
+    """Make ``y.add_(s)`` visible as a value: later users of ``y`` read the add's result.
+
+    fx records ``y.add_(s)`` as a node nobody uses (the mutated ``y`` is used instead), so
+    the add would look dead and its operand ``y`` would look used outside the branch.
+    """
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if not is_inplace_add(node) or not isinstance(node.args[0], fx.Node):
+            continue
+        mutated = node.args[0]
+        for user in list(mutated.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(mutated, node)
+
+
+def ancestor_masks(nodes: list[fx.Node]) -> dict[fx.Node, int]:
+    """For each node, a bitmask (bit i = nodes[i]) of itself and all its ancestors."""
+    index = {n: i for i, n in enumerate(nodes)}
+    masks: dict[fx.Node, int] = {}
+    for n in nodes:
+        m = 1 << index[n]
+        for i in n.all_input_nodes:
+            m |= masks[i]
+        masks[n] = m
+    return masks
+
+
+def iter_bits(mask: int):
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
+
+
+def _is_zero_like(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in (torch.zeros_like, torch.zeros):
+        return True
+    if node.op == "call_method" and node.target in ("new_zeros", "zero_"):
+        return True
+    if node.op in ("call_function", "call_method") and getattr(node.target, "__name__", node.target) in ("mul", "mul_"):
+        return any(isinstance(a, (int, float)) and a == 0 for a in node.args)
+    return False
+
+
+class _Analyser:
+    def __init__(self, ft: FlatTrace):
+        self.ft = ft
+        self.graph = ft.graph
+        redirect_inplace_adds(self.graph)
+        self.nodes = list(self.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.kinds = value_kinds(self.graph, ft.root)
+        self.anc = ancestor_masks(self.nodes)
+        placeholders = 0
+        for n in self.nodes:
+            if n.op == "placeholder":
+                placeholders |= 1 << self.index[n]
+        # data[n]: n depends on a model input (as opposed to parameters and constants)
+        self.data = {n: bool(self.anc[n] & placeholders) for n in self.nodes}
+        self.modules = ft.modules
+
+    # -- the chain from the fork to the shortcut operand
+    def _shortcut_chain(self, s: fx.Node, fork: fx.Node) -> tuple[list[tuple[fx.Node, str]], str | None]:
+        chain: list[tuple[fx.Node, str]] = []
+        cur = s
+        while cur is not fork:
+            role = shortcut_role(cur, self.modules)
+            if role is None:
+                return chain, f"the shortcut side passes through {describe(cur)}"
+            ins = [i for i in cur.all_input_nodes
+                   if self.data[i] and self.kinds[i] == "tensor" and not _is_zero_like(i)]
+            if len(ins) != 1:
+                return chain, f"the shortcut side merges {len(ins)} tensors at {describe(cur)}"
+            chain.append((cur, role))
+            if len(chain) > _MAX_SHORTCUT_OPS:
+                return chain, "the shortcut side is longer than a projection"
+            cur = ins[0]
+        if sum(role == "mixing" for _, role in chain) > 1:
+            return chain, "the shortcut side has more than one conv/linear layer"
+        return chain, None
+
+    def _branch_params(self, nodes: list[fx.Node]) -> int:
+        seen: set[int] = set()
+        total = 0
+        for n in nodes:
+            params: list[torch.Tensor] = []
+            if n.op == "call_module":
+                params = list(self.modules[n.target].parameters())
+            elif n.op == "get_attr":
+                obj = get_attr(self.ft.root, n.target)
+                if isinstance(obj, nn.Parameter):
+                    params = [obj]
+            for p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+        return total
+
+    def _try(self, s: fx.Node, f: fx.Node):
+        common = self.anc[s] & self.anc[f]
+        if not common:
+            return None, "the operands share no input (e.g. a position embedding)"
+        fork = self.nodes[common.bit_length() - 1]
+        if fork is f:
+            return None, "the branch side is the shortcut's input"
+        chain, why = self._shortcut_chain(s, fork)
+        if why:
+            return None, why
+        branch_mask = self.anc[f] & ~self.anc[s]
+        branch = [self.nodes[i] for i in iter_bits(branch_mask)]
+        branch = [n for n in branch if n.op != "placeholder"]
+        params = self._branch_params(branch)
+        if params == 0:
+            return None, "the branch side has no parameters"
+        kind = "identity" if all(role == "identity" for _, role in chain) else "projection"
+        return dict(s=s, f=f, fork=fork, chain=chain, branch=branch, params=params, kind=kind), None
+
+    def run(self) -> Analysis:
+        from .fold import fold_plan  # fold analysis reads the same flat graph
+
+        found: list[tuple[fx.Node, dict]] = []
+        rejected: list[RejectedAdd] = []
+        owner_adds: dict[str, list[fx.Node]] = {}
+        for n in self.nodes:
+            if is_add_call(n):
+                owner_adds.setdefault(owner_of(n), []).append(n)
+        for n in self.nodes:
+            ops = add_operands(n, self.kinds)
+            if ops is None:
+                continue
+            a, b = ops
+            options, reasons = [], []
+            for s, f, branch_operand in ((b, a, 0), (a, b, 1)):
+                res, why = self._try(s, f)
+                if res is None:
+                    reasons.append(why)
+                else:
+                    res["branch_operand"] = branch_operand
+                    options.append(res)
+            if not options:
+                reason = reasons[0] if reasons[0] == reasons[1] else f"{reasons[0]}; reversed: {reasons[1]}"
+                rejected.append(RejectedAdd(owner_of(n), n.format_node() or n.name, reason))
+                continue
+            options.sort(key=lambda r: (r["kind"] != "identity", -r["params"]))
+            found.append((n, options[0]))
+
+        residuals: list[Residual] = []
+        per_owner: dict[str, int] = {}
+        for n, _ in found:
+            per_owner[owner_of(n)] = per_owner.get(owner_of(n), 0) + 1
+        names: set[str] = set()
+        for i, (n, r) in enumerate(found):
+            owner = owner_of(n)
+            branch_modules = tuple(dict.fromkeys(
+                x.target for x in r["branch"] if x.op == "call_module"))
+            name = _name(owner, branch_modules, self.modules, per_owner[owner] > 1 or owner == "",
+                         owner_adds[owner].index(n))
+            base, k = name, 1
+            while name in names:
+                name, k = f"{base}.{k}", k + 1
+            names.add(name)
+            plan = fold_plan(self, r["f"], n)
+            residuals.append(Residual(
+                name=name, index=i, owner=owner, shortcut=r["kind"], modules=branch_modules,
+                shortcut_modules=tuple(c.target for c, _ in r["chain"] if c.op == "call_module"),
+                params=r["params"], fold_target=plan.target, fold_params=plan.params,
+                fold_blocker=plan.blocker,
+                drop_modules=tuple(m for m in branch_modules if is_drop_module(self.modules[m])),
+                add_position=owner_adds[owner].index(n), branch_operand=r["branch_operand"]))
+        return Analysis(residuals=residuals, rejected=rejected, trace=self.ft)
+
+
+def _name(owner: str, branch_modules: tuple[str, ...], modules: dict[str, nn.Module],
+          qualify: bool, position: int) -> str:
+    if not qualify:
+        return owner
+    prefix = owner + "." if owner else ""
+    best, best_params = None, -1
+    for m in branch_modules:
+        if not m.startswith(prefix):
+            continue
+        child = m[len(prefix):].split(".")[0]
+        params = sum(p.numel() for p in modules[prefix + child].parameters())
+        if params > best_params:
+            best, best_params = child, params
+    return prefix + (best if best is not None else f"add{position}")
+
+
+def describe(node: fx.Node) -> str:
+    """A short human description of a node, for messages."""
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}()"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    if node.op == "get_attr":
+        return f"attribute '{node.target}'"
+    return f"{node.op} '{node.name}'"
+
+
+def require_residuals(residuals: Sequence[Residual], model: nn.Module) -> None:
+    if not residuals:
+        raise NoResidualsError(
+            f"{type(model).__name__} has no residual connection (an add of a shortcut and a "
+            f"branch with parameters); nothing to gate. If its blocks hide inside a module fx "
+            f"cannot trace, that module is a leaf: see sdsurgery.analyse(model).rejected")

@@ -1,0 +1,344 @@
+"""convert: install stochastic-depth gates in a model, keeping its class and its state_dict.
+
+How it works. The flat trace (:mod:`sdsurgery.residuals`) says which module's ``forward``
+performs each residual add: its *owner* (``layer3.5`` for a ResNet block). Each owner is traced
+again on its own with every child a leaf, and in that graph the branch nodes of each residual
+are cut out into a separate function and the add is replaced by a call to a gate::
+
+    def forward(self, x):                       # the owner's new forward
+        ...
+        _sd_branch_0 = self._sd_branch_0        # the branch, as a function of its inputs
+        sd_gate_0 = self.sd_gate_0(_sd_branch_0, shortcut, x)
+        ...
+
+The new forward and branch functions are generated Python bound to the owner instance; the
+gate is a registered child without parameters or buffers. Nothing else changes: the model is
+still a ``torchvision.models.ResNet`` (or whatever it was), every module stays at its path, the
+state_dict keys and tensors are those of the original, children run their own code (so
+train/eval behaviour of BatchNorm, dropout ... is untouched).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import linecache
+import types
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import NoResidualsError, TraceError
+from .gates import (CONTROLLER_ATTR, MODES, SCALINGS, GateController, StochasticDepthGate,
+                    controller_of, installed_gates)
+from .ops import get_attr, is_add_call, value_kinds
+from .residuals import (Analysis, Residual, analyse, ancestor_masks, iter_bits,
+                        redirect_inplace_adds, require_residuals, select)
+from .schedules import Schedule, check_rate, spread
+from .tracing import FlatTrace, LeafSpec, trace_block
+
+_DEFAULT_SEED_SALT = 0x5D5D
+
+
+def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "linear",
+            mode: str = "block", scaling: str = "expectation", gate_projection: bool = True,
+            include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
+            seed: int | None = None, leaf_modules: LeafSpec = (), inplace: bool = False) -> nn.Module:
+    """Give ``model`` stochastic depth: gate every residual branch.
+
+    Args:
+        model: any ``nn.Module`` (timm, torchvision, your own) whose residual connections are
+            tensor adds torch.fx can trace.
+        drop_rate: drop probability of the deepest branch, in [0, 1).
+        schedule: ``"linear"`` (the paper: branch l of L drops with ``l/L * drop_rate``),
+            ``"uniform"``, a sequence of one probability per residual branch, or a callable
+            ``f(l, L) -> p`` (l 1-based).
+        mode: ``"block"`` (one decision per branch per forward; a dropped branch is not
+            computed at all) or ``"sample"`` (one decision per sample; the branch runs on the
+            kept samples only).
+        scaling: ``"expectation"`` (the paper: eval scales each branch by its survival
+            probability) or ``"inverted"`` (train scales kept branches by ``1/survival``; eval
+            is the unmodified network).
+        gate_projection: also gate branches whose shortcut is a projection.
+        include, exclude: glob patterns over residual names (see :func:`find_residuals`).
+        seed: seed of the gates' own generator (defaults to ``torch.initial_seed()``-derived).
+        leaf_modules: module classes / qualified names fx must not trace into.
+        inplace: convert ``model`` itself instead of a deep copy.
+
+    Returns:
+        The converted model: the same class as ``model``, the same state_dict.
+
+    Raises:
+        ValueError: bad ``drop_rate``, ``schedule``, ``mode`` or ``scaling``.
+        TraceError: fx cannot trace the model.
+        NoResidualsError: nothing to gate.
+    """
+    rate = check_rate(drop_rate)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {', '.join(map(repr, SCALINGS))}, got {scaling!r}")
+    analysis = analyse(model, leaf_modules=leaf_modules)
+    residuals = analysis.residuals
+    require_residuals(residuals, model)
+    if seed is None:
+        seed = (torch.initial_seed() ^ _DEFAULT_SEED_SALT) & 0x7FFF_FFFF_FFFF_FFFF
+    ctrl = GateController(seed=seed, schedule=schedule, drop_rate=rate, count=len(residuals),
+                          mode=mode, scaling=scaling)
+    probs = ctrl.probabilities(rate)
+    chosen = select(residuals, include, exclude)
+    if not gate_projection:
+        chosen = [r for r in chosen if r.shortcut == "identity"]
+    if not chosen:
+        raise NoResidualsError(f"include={include!r} / exclude={exclude!r} / gate_projection="
+                               f"{gate_projection} leave none of the {len(residuals)} residual "
+                               f"branches ({residuals[0].name} ... {residuals[-1].name})")
+
+    target = model if inplace else copy.deepcopy(model)
+    # Everything that can fail happens before `target` is touched: no half-converted model.
+    programs, skipped = _prepare(target, analysis, chosen, probs, ctrl)
+    if not programs:
+        raise NoResidualsError("no residual branch could be gated: " +
+                               "; ".join(f"{n}: {why}" for n, why in skipped))
+    for name, why in skipped:
+        warnings.warn(f"sdsurgery: residual {name!r} left ungated: {why}", stacklevel=2)
+    ctrl.skipped = skipped
+    _install(target, programs, ctrl, analysis)
+    return target
+
+
+def gates(model: nn.Module) -> list[StochasticDepthGate]:
+    """The installed gates of a converted model in depth order (``name``, ``drop_prob``,
+    ``survival_prob``, ``fold_target`` ...)."""
+    return installed_gates(model)
+
+
+def set_drop_rate(model: nn.Module, drop_rate: float) -> None:
+    """Re-spread a new ``drop_rate`` over the gates with the schedule given to ``convert``
+    (custom schedules are rescaled so their largest probability becomes ``drop_rate``)."""
+    controller_of(model).set_drop_rate(drop_rate)
+
+
+def controller(model: nn.Module) -> GateController:
+    """The shared gate state of a converted model (generator, settings); it has
+    ``state_dict`` / ``load_state_dict`` for checkpoints."""
+    return controller_of(model)
+
+
+# ------------------------------------------------------------------------------- programs
+@dataclass
+class _Program:
+    """The rewritten forward of one owner module."""
+
+    owner: str
+    forward: Callable
+    branches: list[tuple[str, Callable]] = field(default_factory=list)
+    gates: list[tuple[str, StochasticDepthGate]] = field(default_factory=list)
+
+
+class _Skip(Exception):
+    pass
+
+
+def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], probs: list[float],
+             ctrl: GateController) -> tuple[list[_Program], list[tuple[str, str]]]:
+    ft = analysis.trace
+    by_owner: dict[str, list[Residual]] = {}
+    for r in chosen:
+        by_owner.setdefault(r.owner, []).append(r)
+    add_counts: dict[str, int] = {}
+    from .residuals import owner_of
+    for n in ft.graph.nodes:
+        if is_add_call(n):
+            add_counts[owner_of(n)] = add_counts.get(owner_of(n), 0) + 1
+    programs, skipped = [], []
+    for owner, rs in by_owner.items():
+        try:
+            programs.append(_program(target, owner, rs, probs, ctrl, ft, add_counts.get(owner, 0)))
+        except _Skip as e:
+            skipped.extend((r.name, str(e)) for r in rs)
+    return programs, skipped
+
+
+def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
+             ctrl: GateController, ft: FlatTrace, add_count: int) -> _Program:
+    block = target.get_submodule(owner)
+    if "forward" in block.__dict__:
+        raise _Skip(f"'{owner}' already has a patched forward")
+    concrete: dict[str, Any] | None = None
+    if owner:
+        calls = ft.calls.get(owner, [])
+        if len(calls) != 1:
+            raise _Skip(f"'{owner}' is called {len(calls)} times in one forward pass (shared "
+                        f"weights); sdsurgery gates blocks called once")
+        concrete = calls[0].concrete_args(block)
+        if concrete is None:
+            raise _Skip(f"cannot map the call of '{owner}' onto its forward signature")
+    try:
+        graph = trace_block(block, concrete, ft.autowrap_functions)
+        train_graph = trace_block(block, concrete, ft.autowrap_functions, train=True)
+    except Exception as e:  # the flat trace worked, so this is unexpected
+        raise _Skip(f"cannot trace '{owner}' on its own: {type(e).__name__}: {e}") from None
+    if graph.python_code("self").src != train_graph.python_code("self").src:
+        raise _Skip(f"the forward of '{owner}' itself behaves differently in training and eval")
+
+    redirect_inplace_adds(graph)
+    adds = [n for n in graph.nodes if is_add_call(n)]
+    if len(adds) != add_count:
+        raise _Skip(f"'{owner}' traced alone shows {len(adds)} adds, the full trace {add_count}")
+    kinds = value_kinds(graph, block)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    prog = _Program(owner=owner, forward=None)  # type: ignore[arg-type]
+    used = set(dict(block.named_children())) | set(block.__dict__)
+    rewrites = [(r, adds[r.add_position]) for r in residuals]
+    for k, (r, add) in enumerate(rewrites):
+        gate_attr, fn_attr = f"sd_gate_{k}", f"_sd_branch_{k}"
+        if gate_attr in used or fn_attr in used or hasattr(type(block), gate_attr):
+            raise _Skip(f"'{owner}' already has an attribute {gate_attr!r}")
+        f, s = add.args[r.branch_operand], add.args[1 - r.branch_operand]
+        if not (isinstance(f, fx.Node) and isinstance(s, fx.Node)):
+            raise _Skip(f"the add of {r.name!r} has no tensor operands when '{owner}' is traced alone")
+        branch_fn, inputs, branch = _cut_branch(graph, block, add, f, s, r, placeholders)
+        batched = tuple(kinds.get(i) == "tensor" and _depends_on(i, placeholders[:1]) for i in inputs)
+        fallback = any(kinds.get(i) != "tensor" for i in inputs)
+        with graph.inserting_before(add):
+            fn_node = graph.get_attr(fn_attr)
+            gate_node = graph.call_module(gate_attr, (fn_node, s, *inputs))
+        add.replace_all_uses_with(gate_node)
+        graph.erase_node(add)
+        for n in reversed(branch):  # users come later in the branch: already erased
+            graph.erase_node(n)
+        prog.branches.append((fn_attr, branch_fn))
+        gate = StochasticDepthGate(
+            name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
+            shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
+            fold_blocker=r.fold_blocker, batched=batched, sample_fallback=fallback,
+            drop_modules=r.drop_modules)
+        prog.gates.append((gate_attr, gate))
+    prog.forward = _signature_preserving(_compile(graph, f"forward {owner or '<model>'}"), block,
+                                         placeholders)
+    return prog
+
+
+def _depends_on(node: fx.Node, sources: list[fx.Node]) -> bool:
+    seen, todo = set(), [node]
+    while todo:
+        n = todo.pop()
+        if n in sources:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        todo.extend(n.all_input_nodes)
+    return False
+
+
+def _cut_branch(graph: fx.Graph, block: nn.Module, add: fx.Node, f: fx.Node, s: fx.Node,
+                r: Residual, placeholders: list[fx.Node]) -> tuple[Callable, list[fx.Node], list[fx.Node]]:
+    """Move the nodes only the branch needs out of ``graph`` into a function of its inputs."""
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    anc = ancestor_masks(nodes)
+    mask = anc[f] & ~anc[s]
+    for p in placeholders:
+        mask &= ~(1 << index[p])
+    # Nodes whose values are also used outside the branch must be computed anyway: keep them
+    # (and what they need) in the block.
+    changed = True
+    while changed:
+        changed = False
+        for i in iter_bits(mask):
+            n = nodes[i]
+            if any(u is not add and not (mask >> index[u]) & 1 for u in n.users):
+                mask &= ~anc[n]
+                changed = True
+                break
+    branch = [nodes[i] for i in iter_bits(mask)]
+    if f not in branch:
+        raise _Skip(f"the output of branch {r.name!r} is also used outside the residual add")
+    if not any(_has_params(n, block) for n in branch):
+        raise _Skip(f"the computation of branch {r.name!r} is shared with the rest of its block")
+    inputs: list[fx.Node] = []
+    for n in branch:
+        for i in n.all_input_nodes:
+            if not (mask >> index[i]) & 1 and i not in inputs:
+                inputs.append(i)
+    sub = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for i in inputs:
+        env[i] = sub.placeholder(i.name)
+    for n in branch:
+        env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(env[f])
+    return _compile(sub, f"branch {r.name}"), inputs, branch
+
+
+def _has_params(node: fx.Node, block: nn.Module) -> bool:
+    if node.op == "call_module":
+        return any(True for _ in block.get_submodule(node.target).parameters())
+    if node.op == "get_attr":
+        return isinstance(get_attr(block, node.target), nn.Parameter)
+    return False
+
+
+def _compile(graph: fx.Graph, label: str) -> Callable:
+    """Generated Python for ``graph`` as a function ``forward(self, *inputs)``."""
+    code = graph.python_code(root_module="self")
+    key = f"<sdsurgery {label} {uuid.uuid4().hex[:8]}>"
+    # Registered with linecache so tracebacks, inspect and torch.compile see the source.
+    linecache.cache[key] = (len(code.src), None, code.src.splitlines(True), key)
+    namespace = dict(code.globals)
+    exec(compile(code.src, key, "exec"), namespace)
+    return namespace["forward"]
+
+
+def _signature_preserving(impl: Callable, block: nn.Module, placeholders: list[fx.Node]) -> Callable:
+    """Wrap ``impl(self, *placeholders)`` so the block keeps its forward signature."""
+    sig = inspect.signature(block.forward)
+    params = list(sig.parameters.values())
+    n = len(placeholders)
+    defaults = tuple(p.default for p in params[:n])
+
+    def forward(self, *args, **kwargs):
+        if not kwargs and len(args) <= n and all(d is not inspect.Parameter.empty
+                                                 for d in defaults[len(args):]):
+            return impl(self, *args, *defaults[len(args):])
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return impl(self, *bound.args, **bound.kwargs)
+
+    forward.__doc__ = f"sdsurgery: {type(block).__name__}.forward with stochastic-depth gates"
+    forward.__wrapped_impl__ = impl  # type: ignore[attr-defined]
+    return forward
+
+
+def _install(target: nn.Module, programs: list[_Program], ctrl: GateController,
+             analysis: Analysis) -> None:
+    gated = {g.name for p in programs for _, g in p.gates}
+    for prog in programs:
+        block = target.get_submodule(prog.owner)
+        for attr, gate in prog.gates:
+            block.add_module(attr, gate)
+            ctrl.gates.append(gate)
+        for attr, fn in prog.branches:
+            block.__dict__[attr] = types.MethodType(fn, block)
+        block.__dict__["forward"] = types.MethodType(prog.forward, block)
+        ctrl.installs.append((prog.owner, tuple(a for a, _ in prog.gates),
+                              tuple(a for a, _ in prog.branches)))
+    ctrl.gates.sort(key=lambda g: g.index)
+    # Existing stochastic-depth modules on gated branches would drop a second time.
+    for r in analysis.residuals:
+        if r.name not in gated:
+            continue
+        for name in r.drop_modules:
+            m = target.get_submodule(name)
+            for attr in ("drop_prob", "p"):
+                if isinstance(getattr(m, attr, None), (int, float)):
+                    ctrl.neutralised.append((name, attr, getattr(m, attr)))
+                    setattr(m, attr, 0.0)
+                    break
+    target.__dict__[CONTROLLER_ATTR] = ctrl

@@ -1,0 +1,213 @@
+"""Tracing models with torch.fx the way surgery needs it.
+
+Two traces are made:
+
+* :func:`trace_model`: the whole model, flat (into every module except leaves), in eval mode.
+  It is where residual connections are found and analysed. Leaves are the modules timm and
+  torchvision register as not traceable, the stochastic-depth modules (so they stay visible as
+  one node), and whatever the caller names in ``leaf_modules``. The tracer also records how
+  every module was called (which arguments were tensors, which were constants), so that a
+  block can later be traced again on its own with the same specialisation.
+* :func:`trace_block`: one module's own ``forward`` with *every* child a leaf. Its code is what
+  surgery rewrites and installs as the module's new ``forward``: children keep running their
+  own (train/eval-aware) code, only the block's body is regenerated.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import TraceError
+from .ops import extra_identity_modules
+
+LeafSpec = Iterable["type[nn.Module] | str | nn.Module"]
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except Exception:  # pragma: no cover - timm is a dependency
+        return (), ()
+    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+
+
+@dataclass
+class ModuleCall:
+    """How a module was called during the flat trace: which arguments were traced values."""
+
+    args: tuple
+    kwargs: dict
+
+    def concrete_args(self, module: nn.Module) -> dict[str, Any] | None:
+        """Arguments of ``module.forward`` to specialise (the non-tensor ones), or None when the
+        call cannot be mapped onto the signature."""
+        try:
+            sig = inspect.signature(module.forward)
+            bound = sig.bind(*self.args, **self.kwargs)
+        except (TypeError, ValueError):
+            return None
+        bound.apply_defaults()
+        concrete: dict[str, Any] = {}
+        for name, param in sig.parameters.items():
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                return None
+            value = bound.arguments[name]
+            if not _contains_proxy(value):
+                concrete[name] = value
+        return concrete
+
+
+def _contains_proxy(value: Any) -> bool:
+    if isinstance(value, fx.Proxy):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_contains_proxy(v) for v in value)
+    if isinstance(value, dict):
+        return any(_contains_proxy(v) for v in value.values())
+    return False
+
+
+class _SurgeryTracer(fx.Tracer):
+    """fx tracer with timm/torchvision leaves, buffers kept as attributes, call recording."""
+
+    def __init__(self, leaf_types: tuple[type, ...], leaf_ids: set[int],
+                 autowrap_functions: tuple[Callable, ...]):
+        super().__init__(autowrap_modules=(math,), autowrap_functions=autowrap_functions)
+        # Without this, buffers used in expressions are baked in as `_tensor_constantN`
+        # attributes and the state_dict would change.
+        self.proxy_buffer_attributes = True
+        self.leaf_types = leaf_types
+        self.leaf_ids = leaf_ids
+        self.calls: dict[str, list[ModuleCall]] = {}
+        self.failed_module: tuple[str, type] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if id(m) in self.leaf_ids or isinstance(m, self.leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self.calls.setdefault(name, []).append(ModuleCall(tuple(args), dict(kwargs)))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except TraceError:
+            raise
+        except Exception:
+            if self.failed_module is None:
+                self.failed_module = (name, type(m))
+            raise
+
+
+class _BlockTracer(fx.Tracer):
+    """Traces one module's own forward: every child module is a leaf."""
+
+    def __init__(self, autowrap_functions: tuple[Callable, ...]):
+        super().__init__(autowrap_modules=(math,), autowrap_functions=autowrap_functions)
+        self.proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return True
+
+
+@dataclass
+class FlatTrace:
+    """The flat trace of a model and what was learnt while making it."""
+
+    root: nn.Module
+    graph: fx.Graph
+    modules: dict[str, nn.Module]
+    calls: dict[str, list[ModuleCall]]
+    leaf_types: tuple[type, ...]
+    leaf_ids: set[int]
+    autowrap_functions: tuple[Callable, ...] = field(default_factory=tuple)
+
+
+def resolve_leaves(model: nn.Module, leaf_modules: LeafSpec) -> tuple[tuple[type, ...], set[int]]:
+    """Split the caller's ``leaf_modules`` (types, qualified names or module objects)."""
+    types: list[type] = []
+    ids: set[int] = set()
+    named = dict(model.named_modules())
+    for leaf in leaf_modules:
+        if isinstance(leaf, type) and issubclass(leaf, nn.Module):
+            types.append(leaf)
+        elif isinstance(leaf, str):
+            if leaf not in named:
+                raise ValueError(f"leaf_modules: no submodule named {leaf!r} in the model; "
+                                 f"give a qualified name from model.named_modules() or a class")
+            ids.add(id(named[leaf]))
+        elif isinstance(leaf, nn.Module):
+            ids.add(id(leaf))
+        else:
+            raise ValueError(f"leaf_modules: {leaf!r} is neither a module class, a qualified "
+                             f"module name nor a module")
+    return tuple(types), ids
+
+
+@contextlib.contextmanager
+def traceable(model: nn.Module):
+    """Eval mode and no gradient checkpointing while tracing; both restored afterwards.
+
+    Eval mode because timm's DropPath traced in train mode leaves a dead in-place op behind;
+    checkpointing because fx silently drops it.
+    """
+    modes = {m: m.training for m in model.modules()}
+    ckpt = None
+    if hasattr(model, "set_grad_checkpointing"):
+        ckpt = bool(getattr(model, "grad_checkpointing", False))
+        if ckpt:
+            model.set_grad_checkpointing(False)
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+        if ckpt:
+            model.set_grad_checkpointing(True)
+
+
+def _leaf_hint(name: str, cls: type) -> str:
+    where = f"'{name}' ({cls.__name__})" if name else f"the model's own forward ({cls.__name__})"
+    how = (f"leaf_modules=[{name!r}] or leaf_modules=[{cls.__module__}.{cls.__name__}]" if name
+           else "a traceable forward (torch.fx symbolic tracing)")
+    return where, how
+
+
+def trace_model(model: nn.Module, leaf_modules: LeafSpec = ()) -> FlatTrace:
+    """Trace ``model`` flat, in eval mode. Raises :class:`TraceError` naming the failing module."""
+    timm_leaves, timm_fns = _timm_notrace()
+    user_types, user_ids = resolve_leaves(model, leaf_modules)
+    leaf_types = tuple(dict.fromkeys(timm_leaves + extra_identity_modules() + user_types))
+    tracer = _SurgeryTracer(leaf_types, user_ids, timm_fns)
+    with traceable(model):
+        try:
+            graph = tracer.trace(model)
+        except Exception as e:
+            name, cls = tracer.failed_module or ("", type(model))
+            where, how = _leaf_hint(name, cls)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise TraceError(f"torch.fx cannot trace {where}: {type(e).__name__}: {first}. "
+                             f"Mark it a leaf with {how}; residuals inside a leaf are not gated",
+                             module=name) from e
+    return FlatTrace(root=model, graph=graph, modules=dict(model.named_modules()),
+                     calls=tracer.calls, leaf_types=leaf_types, leaf_ids=user_ids,
+                     autowrap_functions=timm_fns)
+
+
+def trace_block(block: nn.Module, concrete_args: dict[str, Any] | None,
+                autowrap_functions: Sequence[Callable] = (), train: bool = False) -> fx.Graph:
+    """Trace ``block``'s own forward with every child module a leaf (in eval mode, or in
+    train mode to check that the block's own code does not depend on it)."""
+    tracer = _BlockTracer(tuple(autowrap_functions))
+    with traceable(block):
+        if train:
+            block.training = True
+        return tracer.trace(block, concrete_args=concrete_args or None)
