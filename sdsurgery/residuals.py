@@ -17,6 +17,7 @@ shortcut (``pb(proj(x)) + b2(c2(x))`` is a projection block whichever order it i
 from __future__ import annotations
 
 import fnmatch
+import operator
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -158,6 +159,17 @@ def redirect_inplace_adds(graph: fx.Graph) -> None:
                 user.replace_input_with(mutated, node)
 
 
+def drop_dead_getitems(graph: fx.Graph) -> None:
+    """Erase unused ``getitem`` nodes (``x, _ = attn(...)`` leaves one for ``_``).
+
+    They are pure, and left in place they look like a second use of the tuple they index.
+    (No general dead-code elimination: fx would also delete live in-place ops.)
+    """
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target is operator.getitem and not node.users:
+            graph.erase_node(node)
+
+
 def ancestor_masks(nodes: list[fx.Node]) -> dict[fx.Node, int]:
     """For each node, a bitmask (bit i = nodes[i]) of itself and all its ancestors."""
     index = {n: i for i, n in enumerate(nodes)}
@@ -192,6 +204,7 @@ class _Analyser:
         self.ft = ft
         self.graph = ft.graph
         redirect_inplace_adds(self.graph)
+        drop_dead_getitems(self.graph)
         self.nodes = list(self.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.kinds = value_kinds(self.graph, ft.root)
@@ -307,7 +320,7 @@ class _Analyser:
             plan = fold_plan(self, r["f"], n)
             residuals.append(Residual(
                 name=name, index=i, owner=owner, shortcut=r["kind"], modules=branch_modules,
-                shortcut_modules=tuple(c.target for c, _ in r["chain"] if c.op == "call_module"),
+                shortcut_modules=tuple(c.target for c, _ in reversed(r["chain"]) if c.op == "call_module"),
                 params=r["params"], fold_target=plan.target, fold_params=plan.params,
                 fold_blocker=plan.blocker,
                 drop_modules=tuple(m for m in branch_modules if is_drop_module(self.modules[m])),

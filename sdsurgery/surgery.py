@@ -36,7 +36,7 @@ from .errors import NoResidualsError, TraceError
 from .gates import (CONTROLLER_ATTR, MODES, SCALINGS, GateController, StochasticDepthGate,
                     controller_of, installed_gates)
 from .ops import get_attr, is_add_call, value_kinds
-from .residuals import (Analysis, Residual, analyse, ancestor_masks, iter_bits,
+from .residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_getitems, iter_bits,
                         redirect_inplace_adds, require_residuals, select)
 from .schedules import Schedule, check_rate, spread
 from .tracing import FlatTrace, LeafSpec, trace_block
@@ -102,8 +102,9 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
     # Everything that can fail happens before `target` is touched: no half-converted model.
     programs, skipped = _prepare(target, analysis, chosen, probs, ctrl)
     if not programs:
-        raise NoResidualsError("no residual branch could be gated: " +
-                               "; ".join(f"{n}: {why}" for n, why in skipped))
+        more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
+        raise NoResidualsError(f"no residual branch could be gated: {skipped[0][0]}: "
+                               f"{skipped[0][1]}{more}")
     for name, why in skipped:
         warnings.warn(f"sdsurgery: residual {name!r} left ungated: {why}", stacklevel=2)
     ctrl.skipped = skipped
@@ -160,7 +161,7 @@ def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], prob
         try:
             programs.append(_program(target, owner, rs, probs, ctrl, ft, add_counts.get(owner, 0)))
         except _Skip as e:
-            skipped.extend((r.name, str(e)) for r in rs)
+            skipped.extend((r.name, f"block '{owner}' not rewritten: {e}") for r in rs)
     return programs, skipped
 
 
@@ -187,6 +188,7 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
         raise _Skip(f"the forward of '{owner}' itself behaves differently in training and eval")
 
     redirect_inplace_adds(graph)
+    drop_dead_getitems(graph)
     adds = [n for n in graph.nodes if is_add_call(n)]
     if len(adds) != add_count:
         raise _Skip(f"'{owner}' traced alone shows {len(adds)} adds, the full trace {add_count}")

@@ -1,0 +1,25 @@
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from models import CASES, randomize  # noqa: E402
+
+_BUILT: dict[str, torch.nn.Module] = {}
+
+
+def built(case) -> torch.nn.Module:
+    """A randomised eval-mode instance of ``case`` (built once per session, copied per test)."""
+    if case.id not in _BUILT:
+        torch.manual_seed(0)
+        _BUILT[case.id] = randomize(case.build()).eval()
+    return copy.deepcopy(_BUILT[case.id])
+
+
+@pytest.fixture(params=CASES, ids=[c.id for c in CASES])
+def case(request):
+    return request.param

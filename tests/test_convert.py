@@ -1,0 +1,189 @@
+"""convert: same class, same state_dict, same function where it must be, clear errors."""
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torchvision
+
+import sdsurgery
+from conftest import built
+from models import CustomNet
+
+
+def _input(case, seed=1):
+    return torch.randn(case.input_size, generator=torch.Generator().manual_seed(seed))
+
+
+def _disable_drop_paths(model):
+    for m in model.modules():
+        if sdsurgery.ops.is_drop_module(m):
+            setattr(m, "drop_prob" if hasattr(m, "drop_prob") else "p", 0.0)
+    return model
+
+
+def test_state_dict_and_class_are_kept(case):
+    model = built(case)
+    converted = sdsurgery.convert(model)
+    assert type(converted) is type(model)
+    original, after = model.state_dict(), converted.state_dict()
+    assert list(original) == list(after)
+    for k in original:
+        assert torch.equal(original[k], after[k]), k
+    # an original checkpoint loads into the converted model
+    converted.load_state_dict(original, strict=True)
+    assert len(sdsurgery.gates(converted)) == case.residuals
+
+
+def test_inverted_scaling_eval_is_the_original(case):
+    model = built(case)
+    converted = sdsurgery.convert(model, scaling="inverted").eval()
+    x = _input(case)
+    with torch.no_grad():
+        assert (converted(x) - model(x)).abs().max().item() <= 1e-6
+
+
+def test_drop_rate_zero_is_the_original_in_train_and_eval(case):
+    model = _disable_drop_paths(built(case))
+    converted = sdsurgery.convert(model, drop_rate=0.0)
+    x = _input(case)
+    for train in (False, True):
+        model.train(train)
+        converted.train(train)
+        torch.manual_seed(3)  # dropout in heads draws from the global RNG: same draws
+        expected = model(x)
+        torch.manual_seed(3)
+        got = converted(x)
+        assert (got - expected).abs().max().item() <= 1e-6, f"train={train}"
+
+
+def test_training_step_runs_in_both_modes(case):
+    n, c, h, w = case.input_size
+    if not any(k in case.id for k in ("vit", "swin")):
+        # sample mode runs BatchNorm on the kept samples: keep more than one value per channel
+        h, w = 2 * h, 2 * w
+    x = torch.randn(4, c, h, w, generator=torch.Generator().manual_seed(0))
+    for mode in ("block", "sample"):
+        converted = sdsurgery.convert(built(case), drop_rate=0.5, mode=mode, seed=0).train()
+        for _ in range(2):
+            converted(x).float().square().mean().backward()
+        grads = [p.grad for p in converted.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_convert_copies_by_default_and_inplace_on_request():
+    model = CustomNet()
+    converted = sdsurgery.convert(model)
+    assert converted is not model and not sdsurgery.is_converted(model)
+    assert "forward" not in model.stage[0].__dict__
+    same = sdsurgery.convert(model, inplace=True)
+    assert same is model and sdsurgery.is_converted(model)
+
+
+def test_converting_twice_is_refused():
+    converted = sdsurgery.convert(CustomNet())
+    with pytest.raises(ValueError, match="already converted"):
+        sdsurgery.convert(converted)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(drop_rate=1.0), "drop_rate must be in \\[0, 1\\)"),
+    (dict(drop_rate=-0.1), "drop_rate must be in \\[0, 1\\)"),
+    (dict(drop_rate="high"), "drop_rate must be a number"),
+    (dict(schedule="cosine"), "schedule must be one of 'linear', 'uniform'"),
+    (dict(schedule=[0.1, 0.2]), "schedule has 2 probabilities but the model has 4 residual branches"),
+    (dict(schedule=[0.1, 0.2, 0.3, 1.5]), "schedule\\[3\\] must be in \\[0, 1\\)"),
+    (dict(mode="row"), "mode must be one of 'block', 'sample'"),
+    (dict(scaling="linear"), "scaling must be one of 'expectation', 'inverted'"),
+])
+def test_bad_arguments_name_the_argument_and_leave_the_model_untouched(kwargs, message):
+    model = CustomNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    before = model(x)
+    with pytest.raises(ValueError, match=message):
+        sdsurgery.convert(model, inplace=True, **kwargs)
+    assert not sdsurgery.is_converted(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert torch.equal(model(x), before)
+
+
+def test_include_exclude_and_gate_projection_keep_schedule_positions():
+    model = torchvision.models.resnet18()
+    all_gates = sdsurgery.gates(sdsurgery.convert(model, drop_rate=0.4))
+    by_name = {g.name: g.drop_prob for g in all_gates}
+    some = sdsurgery.gates(sdsurgery.convert(model, drop_rate=0.4, exclude="layer1.*"))
+    assert [g.name for g in some] == [n for n in by_name if not n.startswith("layer1.")]
+    assert all(g.drop_prob == by_name[g.name] for g in some)
+    only = sdsurgery.gates(sdsurgery.convert(model, include=["layer4.*", "layer3.1"]))
+    assert [g.name for g in only] == ["layer3.1", "layer4.0", "layer4.1"]
+    no_proj = sdsurgery.gates(sdsurgery.convert(model, gate_projection=False))
+    assert {g.shortcut for g in no_proj} == {"identity"} and len(no_proj) == 5
+    with pytest.raises(sdsurgery.NoResidualsError, match="leave none of the 8"):
+        sdsurgery.convert(model, include="nothing*")
+
+
+def test_schedules_and_set_drop_rate():
+    model = CustomNet()
+    gates = sdsurgery.gates(sdsurgery.convert(model, drop_rate=0.5))
+    assert [g.drop_prob for g in gates] == pytest.approx([0.125, 0.25, 0.375, 0.5])
+    assert [g.survival_prob for g in gates] == pytest.approx([0.875, 0.75, 0.625, 0.5])
+    uniform = sdsurgery.convert(model, drop_rate=0.3, schedule="uniform")
+    assert [g.drop_prob for g in sdsurgery.gates(uniform)] == pytest.approx([0.3] * 4)
+    sdsurgery.set_drop_rate(uniform, 0.1)
+    assert [g.drop_prob for g in sdsurgery.gates(uniform)] == pytest.approx([0.1] * 4)
+    custom = sdsurgery.convert(model, schedule=[0.0, 0.2, 0.1, 0.4])
+    assert [g.drop_prob for g in sdsurgery.gates(custom)] == pytest.approx([0.0, 0.2, 0.1, 0.4])
+    sdsurgery.set_drop_rate(custom, 0.2)
+    assert [g.drop_prob for g in sdsurgery.gates(custom)] == pytest.approx([0.0, 0.1, 0.05, 0.2])
+    fn = sdsurgery.convert(model, schedule=lambda l, L: 0.1 * l)
+    assert [g.drop_prob for g in sdsurgery.gates(fn)] == pytest.approx([0.1, 0.2, 0.3, 0.4])
+    linear = sdsurgery.convert(model)
+    sdsurgery.set_drop_rate(linear, 0.2)
+    assert [g.drop_prob for g in sdsurgery.gates(linear)] == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    with pytest.raises(ValueError, match="drop_rate must be in"):
+        sdsurgery.set_drop_rate(linear, 1.2)
+
+
+def test_existing_drop_paths_are_neutralised_and_reported():
+    model = timm.create_model("resnet18", pretrained=False, drop_path_rate=0.2)
+    residuals = sdsurgery.find_residuals(model)
+    # timm spreads linspace(0, rate): the first block has no DropPath, the other seven do
+    assert [r.drop_modules for r in residuals] == [()] + [(f"{r.name}.drop_path",) for r in residuals[1:]]
+    converted = sdsurgery.convert(model)
+    assert [bool(g.drop_modules) for g in sdsurgery.gates(converted)] == [False] + [True] * 7
+    assert all(m.drop_prob == 0.0 for m in converted.modules() if type(m).__name__ == "DropPath")
+    assert len(sdsurgery.controller(converted).neutralised) == 7
+    folded = sdsurgery.fold(converted)  # the original rates come back with the original model
+    rates = [m.drop_prob for m in folded.modules() if type(m).__name__ == "DropPath"]
+    assert rates == [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert max(rates) > 0
+
+    tv = torchvision.models.efficientnet_b0(stochastic_depth_prob=0.2)
+    converted = sdsurgery.convert(tv)
+    sds = [m for m in converted.modules() if isinstance(m, torchvision.ops.StochasticDepth)]
+    gated_drop_modules = {n for g in sdsurgery.gates(converted) for n in g.drop_modules}
+    assert len(gated_drop_modules) == 9
+    names = {m: n for n, m in converted.named_modules()}
+    assert all(m.p == 0.0 for m in sds if names[m] in gated_drop_modules)
+
+
+def test_deepcopy_of_a_converted_model_is_independent():
+    converted = sdsurgery.convert(CustomNet(), seed=5)
+    twin = copy.deepcopy(converted)
+    assert sdsurgery.controller(twin) is not sdsurgery.controller(converted)
+    assert all(g.controller is sdsurgery.controller(twin) for g in sdsurgery.gates(twin))
+    twin.stage[0].conv1.weight.data.zero_()
+    assert converted.stage[0].conv1.weight.abs().sum() > 0
+    x = torch.randn(2, 3, 16, 16)
+    converted.eval(), twin.eval()
+    assert twin(x).shape == converted(x).shape
+
+
+def test_block_keyword_arguments_still_work():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32).eval()
+    converted = sdsurgery.convert(model, scaling="inverted").eval()
+    x = torch.randn(1, 5, 192)
+    block, original = converted.blocks[0], model.blocks[0]
+    assert torch.allclose(block(x, attn_mask=None), original(x, attn_mask=None), atol=1e-6)
+    assert torch.allclose(block(x), original(x), atol=1e-6)
