@@ -165,6 +165,9 @@ def _walk(start: fx.Node, an: "_Analyser") -> tuple[str, tuple[str, ...]]:
             try:
                 return cur.target, _module_affine_params(m, cur.target)
             except KeyError:
+                if not any(True for _ in m.parameters()):
+                    raise _Blocked(f"{describe(cur)} ({type(m).__name__}) does not commute with "
+                                   f"a scale") from None
                 raise _Blocked(f"its last layer '{cur.target}' ({type(m).__name__}) is opaque to "
                                f"sdsurgery (a leaf module with no known affine form)") from None
         if cur.op == "call_function" and cur.target is operator.getitem:
