@@ -157,16 +157,31 @@ def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], prob
         if is_add_call(n):
             add_counts[owner_of(n)] = add_counts.get(owner_of(n), 0) + 1
     programs, skipped = [], []
+    cache: dict[Any, _Rewrite] = {}
     for owner, rs in by_owner.items():
         try:
-            programs.append(_program(target, owner, rs, probs, ctrl, ft, add_counts.get(owner, 0)))
+            programs.append(_program(target, owner, rs, probs, ctrl, ft, add_counts.get(owner, 0),
+                                     cache))
         except _Skip as e:
             skipped.extend((r.name, f"block '{owner}' not rewritten: {e}") for r in rs)
     return programs, skipped
 
 
+@dataclass
+class _Rewrite:
+    """An owner's rewritten code, independent of the instance: blocks of the same class and
+    structure share it (a ResNet-152 has 50 blocks but four distinct ones)."""
+
+    forward: Callable
+    branches: list[tuple[str, Callable]]
+    gate_attrs: list[str]
+    batched: list[tuple[bool, ...]]
+    fallback: list[bool]
+
+
 def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
-             ctrl: GateController, ft: FlatTrace, add_count: int) -> _Program:
+             ctrl: GateController, ft: FlatTrace, add_count: int,
+             cache: dict[Any, _Rewrite]) -> _Program:
     block = target.get_submodule(owner)
     if "forward" in block.__dict__:
         raise _Skip(f"'{owner}' already has a patched forward")
@@ -179,13 +194,89 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
         concrete = calls[0].concrete_args(block)
         if concrete is None:
             raise _Skip(f"cannot map the call of '{owner}' onto its forward signature")
+    specs = tuple((r.add_position, r.branch_operand) for r in residuals)
+    key = _structure_key(block, concrete, specs, add_count)
+    rewrite = cache.get(key) if key is not None else None
+    if rewrite is None:
+        rewrite = _rewrite(block, owner, residuals, concrete, ft, add_count)
+        if key is not None:
+            cache[key] = rewrite
+    prog = _Program(owner=owner, forward=rewrite.forward, branches=list(rewrite.branches))
+    for k, r in enumerate(residuals):
+        gate = StochasticDepthGate(
+            name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
+            shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
+            fold_blocker=r.fold_blocker, batched=rewrite.batched[k],
+            sample_fallback=rewrite.fallback[k], drop_modules=r.drop_modules)
+        prog.gates.append((rewrite.gate_attrs[k], gate))
+    return prog
+
+
+_SIMPLE = (int, float, bool, str, type(None))
+
+
+def _structure_key(block: nn.Module, concrete: dict[str, Any] | None, specs: tuple, add_count: int):
+    """What a block's traced graph can depend on, or None when that cannot be told safely."""
+    attrs = _simple_attrs(block)
+    if attrs is None:
+        return None
+    # The block's code may also read its children's settings (`self.conv.stride`): one level.
+    children = tuple((n, type(m), _simple_attrs(m, strict=False)) for n, m in block._modules.items())
+    try:
+        concrete_key = tuple(sorted((k, v) for k, v in (concrete or {}).items()))
+        hash(concrete_key)
+    except TypeError:
+        return None
+    return (type(block), concrete_key, specs, add_count, tuple(attrs),
+            children,
+            tuple((n, None if p is None else tuple(p.shape)) for n, p in block._parameters.items()),
+            tuple((n, None if b is None else tuple(b.shape)) for n, b in block._buffers.items()))
+
+
+def _simple_attrs(module: nn.Module | None, strict: bool = True):
+    """The plain-valued settings of a module (ints, strings, tuples of them...); with
+    ``strict``, None when it holds any other kind of non-module attribute."""
+    if module is None:
+        return ()
+    attrs = []
+    for k, v in sorted(module.__dict__.items()):
+        if k.startswith("_") or k == "training":
+            continue
+        if isinstance(v, _SIMPLE) or (isinstance(v, tuple) and all(isinstance(x, _SIMPLE) for x in v)):
+            attrs.append((k, v))
+        elif callable(v) and not isinstance(v, nn.Module):
+            attrs.append((k, id(v)))
+        elif strict:
+            return None
+    return tuple(attrs)
+
+
+def _reads_training(block: nn.Module) -> bool:
+    """Whether the block's own class code reads ``self.training`` (then its eval trace is not
+    valid in training)."""
+    for cls in type(block).__mro__:
+        if cls in (nn.Module, object):
+            break
+        for value in vars(cls).values():
+            code = getattr(getattr(value, "__func__", value), "__code__", None)
+            if code is not None and "training" in code.co_names:
+                return True
+    return False
+
+
+def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
+             concrete: dict[str, Any] | None, ft: FlatTrace, add_count: int) -> _Rewrite:
     try:
         graph = trace_block(block, concrete, ft.autowrap_functions)
-        train_graph = trace_block(block, concrete, ft.autowrap_functions, train=True)
+        if _reads_training(block):
+            train_graph = trace_block(block, concrete, ft.autowrap_functions, train=True)
+            if graph.python_code("self").src != train_graph.python_code("self").src:
+                raise _Skip(f"the forward of '{owner}' itself behaves differently in training "
+                            f"and eval")
+    except _Skip:
+        raise
     except Exception as e:  # the flat trace worked, so this is unexpected
         raise _Skip(f"cannot trace '{owner}' on its own: {type(e).__name__}: {e}") from None
-    if graph.python_code("self").src != train_graph.python_code("self").src:
-        raise _Skip(f"the forward of '{owner}' itself behaves differently in training and eval")
 
     redirect_inplace_adds(graph)
     drop_dead_getitems(graph)
@@ -194,10 +285,9 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
         raise _Skip(f"'{owner}' traced alone shows {len(adds)} adds, the full trace {add_count}")
     kinds = value_kinds(graph, block)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    prog = _Program(owner=owner, forward=None)  # type: ignore[arg-type]
-    used = set(dict(block.named_children())) | set(block.__dict__)
-    rewrites = [(r, adds[r.add_position]) for r in residuals]
-    for k, (r, add) in enumerate(rewrites):
+    used = set(block._modules) | set(block.__dict__)
+    out = _Rewrite(forward=None, branches=[], gate_attrs=[], batched=[], fallback=[])  # type: ignore[arg-type]
+    for k, (r, add) in enumerate([(r, adds[r.add_position]) for r in residuals]):
         gate_attr, fn_attr = f"sd_gate_{k}", f"_sd_branch_{k}"
         if gate_attr in used or fn_attr in used or hasattr(type(block), gate_attr):
             raise _Skip(f"'{owner}' already has an attribute {gate_attr!r}")
@@ -205,8 +295,9 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
         if not (isinstance(f, fx.Node) and isinstance(s, fx.Node)):
             raise _Skip(f"the add of {r.name!r} has no tensor operands when '{owner}' is traced alone")
         branch_fn, inputs, branch = _cut_branch(graph, block, add, f, s, r, placeholders)
-        batched = tuple(kinds.get(i) == "tensor" and _depends_on(i, placeholders[:1]) for i in inputs)
-        fallback = any(kinds.get(i) != "tensor" for i in inputs)
+        out.batched.append(tuple(kinds.get(i) == "tensor" and _depends_on(i, placeholders[:1])
+                                 for i in inputs))
+        out.fallback.append(any(kinds.get(i) != "tensor" for i in inputs))
         with graph.inserting_before(add):
             fn_node = graph.get_attr(fn_attr)
             gate_node = graph.call_module(gate_attr, (fn_node, s, *inputs))
@@ -214,16 +305,11 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
         graph.erase_node(add)
         for n in reversed(branch):  # users come later in the branch: already erased
             graph.erase_node(n)
-        prog.branches.append((fn_attr, branch_fn))
-        gate = StochasticDepthGate(
-            name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
-            shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
-            fold_blocker=r.fold_blocker, batched=batched, sample_fallback=fallback,
-            drop_modules=r.drop_modules)
-        prog.gates.append((gate_attr, gate))
-    prog.forward = _signature_preserving(_compile(graph, f"forward {owner or '<model>'}"), block,
-                                         placeholders)
-    return prog
+        out.branches.append((fn_attr, branch_fn))
+        out.gate_attrs.append(gate_attr)
+    out.forward = _signature_preserving(_compile(graph, f"forward {owner or '<model>'}"), block,
+                                        placeholders)
+    return out
 
 
 def _depends_on(node: fx.Node, sources: list[fx.Node]) -> bool:
