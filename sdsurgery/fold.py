@@ -286,9 +286,8 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
     Raises:
         FoldError: a branch needs a scale and has nowhere to put it (and ``keep_scale`` is off).
     """
-    from .gates import controller_of, installed_gates, uninstall
+    from .gates import installed_gates, uninstall
 
-    ctrl = controller_of(model)
     gates = installed_gates(model)
     blocked = [g for g in gates if g.needs_scale() and g.fold_blocker]
     if blocked and not keep_scale:
@@ -305,5 +304,4 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
                     get_attr(out, name).mul_(g.survival_prob)
     keep = {g.name for g in gates if g.needs_scale() and g.fold_blocker}
     uninstall(out, keep=keep)
-    del ctrl
     return out

@@ -90,6 +90,8 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
     ctrl = GateController(seed=seed, schedule=schedule, drop_rate=rate, count=len(residuals),
                           mode=mode, scaling=scaling)
     probs = ctrl.probabilities(rate)
+    if not isinstance(schedule, str):
+        ctrl.drop_rate = max(probs)  # custom probabilities are used as given
     chosen = select(residuals, include, exclude)
     if not gate_projection:
         chosen = [r for r in chosen if r.shortcut == "identity"]

@@ -187,3 +187,103 @@ def test_block_keyword_arguments_still_work():
     block, original = converted.blocks[0], model.blocks[0]
     assert torch.allclose(block(x, attn_mask=None), original(x, attn_mask=None), atol=1e-6)
     assert torch.allclose(block(x), original(x), atol=1e-6)
+
+
+class _InplaceAdds(nn.Module):
+    """`y.add_(s)` (fx records it with no users) and `s.add_(y)` (mutates the shortcut)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+
+    def forward(self, x):
+        y = self.a(x)
+        y.add_(x)
+        x2 = y.clone()
+        x2.add_(self.b(x2))
+        return x2 * 2
+
+
+def test_inplace_residual_adds_are_gated():
+    model = _InplaceAdds().eval()
+    assert [r.name for r in sdsurgery.find_residuals(model)] == ["a", "b"]
+    x = torch.randn(4, 6)
+    inverted = sdsurgery.convert(model, scaling="inverted").eval()
+    with torch.no_grad():
+        assert torch.allclose(inverted(x), model(x), atol=1e-6)
+    converted = sdsurgery.convert(model, drop_rate=0.5, seed=0)
+    folded = sdsurgery.fold(converted).eval()
+    with torch.no_grad():
+        assert torch.allclose(folded(x), converted.eval()(x), atol=1e-5)
+    converted.train()(x).sum().backward()
+
+
+class _Inner(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+class _Nested(nn.Module):
+    """A residual whose branch is itself two residual blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stage = nn.Sequential(_Inner(), _Inner(), nn.Linear(6, 6))
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(x + self.stage(x))
+
+
+def test_nested_residuals_gate_inner_and_outer():
+    model = _Nested().eval()
+    residuals = sdsurgery.find_residuals(model)
+    assert [r.name for r in residuals] == ["stage.0", "stage.1", "stage"]
+    converted = sdsurgery.convert(model, drop_rate=0.5, seed=1)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        folded = sdsurgery.fold(converted).eval()
+        assert torch.allclose(folded(x), converted.eval()(x), atol=1e-5)
+    calls = []
+    converted.stage[0].fc.register_forward_hook(lambda *a: calls.append(1))
+    converted.train()
+    with torch.no_grad():
+        for _ in range(200):
+            converted(x)
+    # the inner block runs only when the outer branch is kept and then when itself is kept
+    p_outer, p_inner = sdsurgery.gates(converted)[2].survival_prob, sdsurgery.gates(converted)[0].survival_prob
+    assert abs(len(calls) / 200 - p_outer * p_inner) < 0.15
+
+
+class _HoistedSize(nn.Module):
+    """The batch size is read once on the full batch and used in and after the branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):                      # (N, 4, 8)
+        n = x.shape[0]
+        x = x + self.fc(self.norm(x)).reshape(n, 4, 8)
+        return x.reshape(n, 32)
+
+
+def test_sample_mode_falls_back_to_masking_when_the_branch_reads_batch_sizes():
+    model = _HoistedSize().eval()
+    converted = sdsurgery.convert(model, drop_rate=0.5, mode="sample", seed=2)
+    (gate,) = sdsurgery.gates(converted)
+    assert gate.sample_fallback
+    x = torch.randn(10, 4, 8)
+    with torch.no_grad():
+        out = converted.train()(x).reshape(10, 4, 8)
+        keep = torch.rand(10, generator=torch.Generator().manual_seed(2)) >= gate.drop_prob
+        full = model(x).reshape(10, 4, 8)
+    assert 0 < keep.sum() < 10
+    assert torch.allclose(out[keep], full[keep], atol=1e-6)
+    assert torch.allclose(out[~keep], x[~keep])

@@ -119,6 +119,14 @@ def test_generator_state_saves_and_restores():
     assert torch.equal(_train_outputs(model, 10, x), first)
 
 
+def test_custom_schedule_survives_a_state_round_trip():
+    model = sdsurgery.convert(AffineResNet(), schedule=[0.0, 0.2, 0.1, 0.4])
+    ctrl = sdsurgery.controller(model)
+    assert ctrl.drop_rate == pytest.approx(0.4)
+    ctrl.load_state_dict(ctrl.state_dict())
+    assert [g.drop_prob for g in sdsurgery.gates(model)] == pytest.approx([0.0, 0.2, 0.1, 0.4])
+
+
 def test_eval_does_not_consume_decisions():
     x = torch.randn(2, 6)
     a = sdsurgery.convert(AffineResNet(), seed=4)
