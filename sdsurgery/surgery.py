@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import inspect
 import linecache
+import logging
 import types
 import uuid
 import warnings
@@ -42,6 +43,7 @@ from .schedules import Schedule, check_rate, spread
 from .tracing import FlatTrace, LeafSpec, trace_block
 
 _DEFAULT_SEED_SALT = 0x5D5D
+log = logging.getLogger("sdsurgery")
 
 
 def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "linear",
@@ -429,6 +431,9 @@ def _install(target: nn.Module, programs: list[_Program], ctrl: GateController,
             for attr in ("drop_prob", "p"):
                 if isinstance(getattr(m, attr, None), (int, float)):
                     ctrl.neutralised.append((name, attr, getattr(m, attr)))
+                    if getattr(m, attr):
+                        log.info("sdsurgery: neutralised %s '%s' (%s=%s) on gated branch %r",
+                                 type(m).__name__, name, attr, getattr(m, attr), r.name)
                     setattr(m, attr, 0.0)
                     break
     target.__dict__[CONTROLLER_ATTR] = ctrl
