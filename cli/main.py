@@ -1,7 +1,15 @@
-"""`sdsurgery` command line: a thin typer layer over the library (parsing, rich output, exit codes)."""
+"""`sdsurgery` command line: a thin typer layer over the library (parsing, rich output, exit codes).
+
+Every user error exits with code 2 and one line on stderr; ``--debug`` shows the traceback.
+"""
 from __future__ import annotations
 
+import functools
+import json
 import sys
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -10,9 +18,11 @@ import sdsurgery
 
 app = typer.Typer(help="Give residual networks stochastic depth that really skips compute, "
                        "fine-tune them, fold the scaling back into the weights.",
-                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode=None)
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state = {"debug": False}
 
 
 def _version(value: bool) -> None:
@@ -23,11 +33,302 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                                 help="Print the version and exit.")) -> None:
-    """sdsurgery command line."""
+                                       help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
+    """sdsurgery command line. Every command has --help with examples."""
+    _state["debug"] = debug
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn library errors into one line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except (sdsurgery.SurgeryError, ValueError, OSError) as e:
+            if _state["debug"]:
+                raise
+            message = " ".join(str(e).split()) or type(e).__name__
+            err.print(f"error: {message}", markup=False)
+            raise typer.Exit(2)
+    return wrapper
+
+
+# ----------------------------------------------------------------------- shared options
+def _parse_args(pairs: List[str]) -> dict[str, Any]:
+    import yaml
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"--arg {pair!r}: expected key=value with a Python identifier as key")
+        out[key] = yaml.safe_load(value) if value else ""
+    return out
+
+
+def _build(model: str, pretrained: bool, weights: Optional[Path], num_classes: Optional[int],
+           args: List[str]):
+    return sdsurgery.create_model(model, pretrained=pretrained, weights=weights,
+                                  num_classes=num_classes, **_parse_args(args))
+
+
+def _default_image_size(model) -> int:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return int(cfg["input_size"][-1])
+    size = getattr(model, "image_size", None)
+    return int(size) if isinstance(size, int) else 224
+
+
+def _checks(drop_rate: float, schedule: str, mode: str, scaling: str) -> None:
+    sdsurgery.schedules.check_rate(drop_rate, "--drop-rate")
+    for opt, value, allowed in (("--schedule", schedule, ("linear", "uniform")),
+                                ("--mode", mode, ("block", "sample")),
+                                ("--scaling", scaling, ("expectation", "inverted"))):
+        if value not in allowed:
+            raise ValueError(f"{opt} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+MODEL_HELP = ("Model: a name (timm, torchvision or sdsurgery), timm:NAME[.TAG], torchvision:NAME, "
+              "hf-hub:REPO, package.module:factory or path/to/file.py:factory.")
+
+
+# -------------------------------------------------------------------------- reporting
+def _report(model, image_size: int) -> dict[str, Any]:
+    """Gates, per-branch FLOPs and the summary for a converted model."""
+    import torch
+    from sdsurgery.flops import flop_report
+
+    gates = sdsurgery.gates(model)
+    flops = flop_report(model, torch.randn(1, 3, image_size, image_size))
+    ctrl = sdsurgery.controller(model)
+    rows = [{"index": g.index, "name": g.name, "shortcut": g.shortcut, "drop_prob": g.drop_prob,
+             "flops": flops.branches.get(g.name, 0),
+             "flops_share": flops.branches.get(g.name, 0) / flops.total if flops.total else 0.0,
+             "fold_target": g.fold_target, "fold_blocker": g.fold_blocker,
+             "neutralised": list(g.drop_modules)} for g in gates]
+    found = ctrl.count
+    return {
+        "residuals": rows,
+        "skipped": [{"name": n, "reason": why} for n, why in ctrl.skipped],
+        "summary": {
+            "residual_branches": found, "gated": len(gates),
+            "expected_branches_per_step": sum(g.survival_prob for g in gates) + (found - len(gates)),
+            "flops_per_image": flops.total, "image_size": image_size,
+            "expected_training_compute": flops.expected_fraction,
+            "expected_saving": 1.0 - flops.expected_fraction,
+            "drop_rate": ctrl.drop_rate, "mode": ctrl.mode, "scaling": ctrl.scaling,
+        },
+    }
+
+
+def _print_report(title: str, report: dict[str, Any], fold_column: bool) -> None:
+    table = Table(title=title)
+    for col, just in (("#", "right"), ("branch", "left"), ("shortcut", "left"),
+                      ("drop prob", "right"), ("FLOPs", "right")):
+        table.add_column(col, justify=just)
+    if fold_column:
+        table.add_column("folds into")
+    for r in report["residuals"]:
+        row = [str(r["index"]), r["name"], r["shortcut"], f"{r['drop_prob']:.3f}",
+               f"{100 * r['flops_share']:.1f}%"]
+        if fold_column:
+            row.append(r["fold_target"] or f"- ({r['fold_blocker']})")
+        table.add_row(*row)
+    console.print(table)
+    s = report["summary"]
+    console.print(f"{s['gated']} of {s['residual_branches']} residual branches gated "
+                  f"({s['mode']} mode, {s['scaling']} scaling, drop rate {s['drop_rate']:g}); "
+                  f"expected depth {s['expected_branches_per_step']:.1f} of "
+                  f"{s['residual_branches']} branches per step; expected training compute "
+                  f"{100 * s['expected_training_compute']:.1f}% of the full model "
+                  f"(saving {100 * s['expected_saving']:.1f}%, FLOPs at {s['image_size']} px)",
+                  markup=False)
+    for sk in report["skipped"]:
+        console.print(f"not gated: {sk['name']}: {sk['reason']}", markup=False)
+
+
+# ---------------------------------------------------------------------------- commands
+@app.command()
+@user_errors
+def convert(model: str = typer.Argument(..., help=MODEL_HELP),
+            output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
+            pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
+                                            help="Load the source's pretrained weights."),
+            weights: Optional[Path] = typer.Option(None, help="Weights file (.safetensors or PyTorch checkpoint)."),
+            num_classes: Optional[int] = typer.Option(None, help="Reset the classifier to N classes."),
+            arg: List[str] = typer.Option([], "--arg", help="Factory keyword argument key=value (repeatable)."),
+            drop_rate: float = typer.Option(0.5, help="Drop probability of the deepest branch, in [0, 1)."),
+            schedule: str = typer.Option("linear", help="linear | uniform"),
+            mode: str = typer.Option("block", help="block | sample"),
+            scaling: str = typer.Option("expectation", help="expectation | inverted"),
+            include: List[str] = typer.Option([], help="Glob over branch names to gate (repeatable)."),
+            exclude: List[str] = typer.Option([], help="Glob over branch names not to gate (repeatable)."),
+            gate_projection: bool = typer.Option(True, "--gate-projection/--no-gate-projection",
+                                                 help="Also gate branches with a projection shortcut."),
+            seed: Optional[int] = typer.Option(None, help="Seed of the gates' generator."),
+            image_size: Optional[int] = typer.Option(None, help="Input size for the FLOPs table (default: the model's)."),
+            ) -> None:
+    """Give MODEL stochastic depth and save it as one .safetensors checkpoint.
+
+    Example: sdsurgery convert resnet152 --no-pretrained --drop-rate 0.5 -o resnet152_sd.safetensors
+    """
+    _checks(drop_rate, schedule, mode, scaling)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"-o {output}: the output must end in .safetensors")
+    net = _build(model, pretrained, weights, num_classes, arg)
+    converted = sdsurgery.convert(net, drop_rate=drop_rate, schedule=schedule, mode=mode,
+                                  scaling=scaling, include=include or None, exclude=exclude or None,
+                                  gate_projection=gate_projection, seed=seed, inplace=True)
+    sdsurgery.save(converted, output)
+    report = _report(converted, image_size or _default_image_size(converted))
+    _print_report(f"{model}: stochastic depth", report, fold_column=False)
+    console.print(f"saved {output}", markup=False)
 
 
 @app.command()
+@user_errors
+def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetensors checkpoint."),
+            as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+            pretrained: bool = typer.Option(False, "--pretrained/--no-pretrained",
+                                            help="Load pretrained weights (not needed to inspect)."),
+            weights: Optional[Path] = typer.Option(None, help="Weights file to load."),
+            num_classes: Optional[int] = typer.Option(None, help="Reset the classifier to N classes."),
+            arg: List[str] = typer.Option([], "--arg", help="Factory keyword argument key=value (repeatable)."),
+            drop_rate: float = typer.Option(0.5, help="Drop rate to show probabilities and savings for."),
+            schedule: str = typer.Option("linear", help="linear | uniform"),
+            mode: str = typer.Option("block", help="block | sample"),
+            image_size: Optional[int] = typer.Option(None, help="Input size for FLOPs (default: the model's)."),
+            ) -> None:
+    """Show a model's residual branches, their FLOPs, fold targets and the adds that are not
+    residuals. Writes nothing.
+
+    Examples: sdsurgery inspect torchvision:resnet152 | sdsurgery inspect x.safetensors --json
+    """
+    _checks(drop_rate, schedule, mode, "expectation")
+    net = None
+    if target.endswith(".safetensors"):
+        meta = sdsurgery.read_metadata(target)
+        m = meta["model"]
+        plain = sdsurgery.create_model(m["spec"], pretrained=False, num_classes=m.get("num_classes"),
+                                       **(m.get("kwargs") or {}))
+        if meta.get("converted"):
+            net = sdsurgery.load(target)
+    else:
+        plain = _build(target, pretrained, weights, num_classes, arg)
+    analysis = sdsurgery.analyse(plain)
+    converted = net if net is not None else sdsurgery.convert(
+        plain, drop_rate=drop_rate, schedule=schedule, mode=mode, seed=0)
+    report = _report(converted, image_size or _default_image_size(converted))
+    report["rejected"] = [{"owner": r.owner, "reason": r.reason} for r in analysis.rejected]
+    report["model"] = target
+    report["converted"] = net is not None
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    _print_report(f"{target}: residual branches", report, fold_column=True)
+    for r in report["rejected"]:
+        console.print(f"not a residual: add in '{r['owner'] or '<model>'}': {r['reason']}", markup=False)
+
+
+@app.command()
+@user_errors
+def fold(checkpoint: Path = typer.Argument(..., help="A converted .safetensors checkpoint."),
+         output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
+         keep_scale: bool = typer.Option(False, help="Keep an explicit scale on branches that cannot fold."),
+         ) -> None:
+    """Fold the survival scaling into the weights: the original architecture, no gates.
+
+    Example: sdsurgery fold resnet152_sd.safetensors -o resnet152_folded.safetensors
+    """
+    if output.suffix != ".safetensors":
+        raise ValueError(f"-o {output}: the output must end in .safetensors")
+    net = sdsurgery.load(checkpoint)
+    if not sdsurgery.is_converted(net):
+        raise ValueError(f"{checkpoint} holds no stochastic-depth gates (it is already folded or "
+                         f"was never converted); nothing to fold")
+    gates = sdsurgery.gates(net)
+    folded = sdsurgery.fold(net, keep_scale=keep_scale, inplace=True)
+    sdsurgery.save(folded, output)
+    scaled = sum(1 for g in gates if g.needs_scale() and not g.fold_blocker)
+    console.print(f"folded {scaled} of {len(gates)} branch scales into the weights; "
+                  f"{type(folded).__module__}.{type(folded).__name__} saved to {output}", markup=False)
+
+
+@app.command()
+@user_errors
+def bench(model: str = typer.Argument(..., help=MODEL_HELP),
+          batch_size: int = typer.Option(16, help="Images per training step."),
+          image_size: int = typer.Option(64, help="Input size in pixels."),
+          steps: int = typer.Option(20, help="Timed steps per variant (after 3 warm-up steps)."),
+          drop_rate: float = typer.Option(0.5, help="Drop rate of the converted model."),
+          mode: str = typer.Option("block", help="block | sample"),
+          device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+          dtype: str = typer.Option("fp32", help="fp32 | bf16 (autocast)"),
+          arg: List[str] = typer.Option([], "--arg", help="Factory keyword argument key=value (repeatable)."),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+          ) -> None:
+    """Training-step time of the converted model against the original (and the architecture's
+    own drop-path at the same rate), side by side in one process; eval latency of the folded
+    model. Random weights: speed does not depend on them.
+
+    Example: sdsurgery bench resnet50 --batch-size 16 --image-size 64 --steps 20
+    """
+    from sdsurgery.bench import run_bench
+
+    _checks(drop_rate, "linear", mode, "expectation")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    kwargs = _parse_args(arg)
+    probe = sdsurgery.create_model(model, pretrained=False, num_classes=10, **kwargs)
+    spec = sdsurgery.models.source_of(probe).spec
+    native = (("drop_path_rate", drop_rate) if spec.startswith(("timm:", "hf-hub:")) else
+              ("stochastic_depth_prob", drop_rate) if spec.startswith("torchvision:") else None)
+
+    def build(**extra):
+        return sdsurgery.create_model(model, pretrained=False, num_classes=10, **kwargs, **extra)
+
+    result = run_bench(build, name=spec, native=native, drop_rate=drop_rate, mode=mode,
+                       batch_size=batch_size, image_size=image_size, steps=steps, device=device,
+                       dtype=dtype)
+    table = Table(title=f"{spec}: {batch_size} x {image_size} px, {dtype}, {device}, "
+                        f"median of {steps} steps")
+    table.add_column("training step")
+    table.add_column("ms", justify="right")
+    table.add_column("ratio", justify="right")
+    for k, ms in result.train_ms.items():
+        table.add_row(k, f"{ms:.1f}", f"{result.train_ratio[k]:.3f}")
+    table.add_row(f"theory (FLOPs) for sdsurgery {mode} {drop_rate:g}", "", f"{result.theory:.3f}")
+    console.print(table)
+    console.print(f"eval latency: folded {result.eval_ms['folded']:.1f} ms, original "
+                  f"{result.eval_ms['original']:.1f} ms, ratio {result.eval_ratio['folded']:.3f}",
+                  markup=False)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        console.print(f"wrote {json_out}", markup=False)
+
+
+@app.command()
+@user_errors
+def models(pattern: str = typer.Argument("*", help="Glob over model names, e.g. 'resnet*'.")) -> None:
+    """List resolvable model names (sdsurgery, timm, torchvision) matching PATTERN.
+
+    Example: sdsurgery models 'convnext*'
+    """
+    names = sdsurgery.list_models(pattern)
+    for n in names:
+        typer.echo(n)
+    if not names:
+        err.print(f"no model matches {pattern!r}", markup=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
 def demo(model: str = typer.Option("resnet50", help="torchvision classification model to convert."),
          drop_rate: float = typer.Option(0.5, help="Drop probability of the deepest branch."),
          image_size: int = typer.Option(64, help="Input size of the check forward passes.")) -> None:
@@ -36,13 +337,8 @@ def demo(model: str = typer.Option("resnet50", help="torchvision classification 
     Example: sdsurgery demo --model resnet50 --drop-rate 0.5
     """
     import torch
-    import torchvision
 
-    try:
-        net = torchvision.models.get_model(model, weights=None).eval()
-    except ValueError as e:
-        err.print(f"error: {e}")
-        raise typer.Exit(2)
+    net = sdsurgery.create_model(f"torchvision:{model}", pretrained=False).eval()
     converted = sdsurgery.convert(net, drop_rate=drop_rate, seed=0)
     gates = sdsurgery.gates(converted)
     table = Table(title=f"{model}: {len(gates)} residual branches gated (block mode, linear schedule)")
@@ -79,11 +375,7 @@ def demo(model: str = typer.Option("resnet50", help="torchvision classification 
 
 
 def main() -> None:
-    try:
-        app()
-    except sdsurgery.SurgeryError as e:
-        err.print(f"error: {e}")
-        sys.exit(2)
+    app()
 
 
 if __name__ == "__main__":

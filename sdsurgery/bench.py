@@ -5,8 +5,10 @@ ratios measured this way hold even when absolute times drift.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -61,3 +63,80 @@ def median(xs: list[float]) -> float:
 def _sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
+
+
+# ------------------------------------------------------------------------ the full bench
+
+
+@dataclass
+class BenchResult:
+    """What ``sdsurgery bench`` measures. Times in milliseconds (medians); ratios against the
+    original model measured in the same run."""
+
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    image_size: int
+    steps: int
+    drop_rate: float
+    mode: str
+    theory: float  # expected training-compute fraction from per-branch FLOPs
+    train_ms: dict[str, float] = field(default_factory=dict)
+    train_ratio: dict[str, float] = field(default_factory=dict)
+    eval_ms: dict[str, float] = field(default_factory=dict)
+    eval_ratio: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, float] | None,
+              drop_rate: float = 0.5, mode: str = "block", batch_size: int = 16,
+              image_size: int = 64, steps: int = 20, warmup: int = 3, device: str = "cpu",
+              dtype: str = "fp32", num_classes: int = 10, seed: int = 0) -> BenchResult:
+    """Time training steps of the original model, the converted one at ``drop_rate`` and at 0
+    (gate overhead), and the architecture's own drop-path (``native = (kwarg, rate)``, e.g.
+    ``("drop_path_rate", 0.5)``) when it has one; then eval of the folded model against the
+    original. ``build(**kwargs)`` returns a fresh randomly initialised model."""
+    import sdsurgery
+    from .flops import flop_report
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    original = build().to(dev)
+    variants: dict[str, nn.Module] = {"original": original}
+    variants["sdsurgery p=0"] = sdsurgery.convert(original, drop_rate=0.0, seed=seed)
+    label = f"sdsurgery {mode} {drop_rate:g}"
+    variants[label] = sdsurgery.convert(original, drop_rate=drop_rate, mode=mode, seed=seed)
+    notes: list[str] = []
+    if native is not None:
+        kw, rate = native
+        try:
+            variants[f"{kw}={rate:g}"] = build(**{kw: rate}).to(dev)
+        except Exception as e:  # the architecture has no such argument
+            notes.append(f"{kw} not supported by this architecture ({type(e).__name__})")
+    x0 = torch.randn(1, 3, image_size, image_size, device=dev)
+    theory = flop_report(variants[label], x0).expected_fraction
+    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if dtype == "bf16"
+                else contextlib.nullcontext())
+
+    def batch():
+        return (torch.randn(batch_size, 3, image_size, image_size, device=dev),
+                torch.randint(0, num_classes, (batch_size,), device=dev))
+
+    with autocast:
+        train = time_train_steps(variants, batch, steps=steps, warmup=warmup)
+        folded = sdsurgery.fold(variants[label])
+        evals = time_eval({"original": original, "folded": folded},
+                          torch.randn(batch_size, 3, image_size, image_size, device=dev),
+                          steps=steps, warmup=warmup)
+    base, ebase = median(train["original"]), median(evals["original"])
+    return BenchResult(
+        model=name, device=str(dev), dtype=dtype, batch_size=batch_size, image_size=image_size,
+        steps=steps, drop_rate=drop_rate, mode=mode, theory=theory,
+        train_ms={k: median(v) * 1e3 for k, v in train.items()},
+        train_ratio={k: median(v) / base for k, v in train.items()},
+        eval_ms={k: median(v) * 1e3 for k, v in evals.items()},
+        eval_ratio={k: median(v) / ebase for k, v in evals.items()}, notes=notes)

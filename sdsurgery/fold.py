@@ -304,4 +304,5 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
                     get_attr(out, name).mul_(g.survival_prob)
     keep = {g.name for g in gates if g.needs_scale() and g.fold_blocker}
     uninstall(out, keep=keep)
+    out.__dict__["_sdsurgery_folded"] = True  # recorded in checkpoints
     return out

@@ -43,6 +43,7 @@ class GateController:
         self.installs: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []  # owner, gates, branch fns
         self.neutralised: list[tuple[str, str, Any]] = []  # module, attribute, original value
         self.skipped: list[tuple[str, str]] = []  # residual name, reason
+        self.settings: dict[str, Any] = {}  # the other convert() arguments, for checkpoints
         self._custom_probs: list[float] | None = None
 
     def probabilities(self, drop_rate: float) -> list[float]:

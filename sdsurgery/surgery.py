@@ -112,8 +112,22 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
     for name, why in skipped:
         warnings.warn(f"sdsurgery: residual {name!r} left ungated: {why}", stacklevel=2)
     ctrl.skipped = skipped
+    ctrl.settings = {
+        "include": include, "exclude": exclude, "gate_projection": gate_projection,
+        "leaf_modules": [_leaf_name(leaf) for leaf in leaf_modules],
+        "schedule": schedule if isinstance(schedule, str) else list(probs),
+    }
     _install(target, programs, ctrl, analysis)
     return target
+
+
+def _leaf_name(leaf) -> str | None:
+    """A leaf_modules entry as text for checkpoints (None for module objects)."""
+    if isinstance(leaf, str):
+        return leaf
+    if isinstance(leaf, type):
+        return f"{leaf.__module__}:{leaf.__qualname__}"
+    return None
 
 
 def gates(model: nn.Module) -> list[StochasticDepthGate]:
