@@ -1,0 +1,117 @@
+"""The command line, driven through typer's CliRunner (and once as the installed script)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import sdsurgery
+from cli.main import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+def test_resnet152_convert_inspect_fold_offline(tmp_path):
+    x, y = tmp_path / "x.safetensors", tmp_path / "y.safetensors"
+    r = run("convert", "resnet152", "--no-pretrained", "--image-size", "32", "-o", x)
+    assert r.exit_code == 0, r.output
+    assert "layer3.35" in r.output and "50 of 50 residual branches gated" in r.output
+    assert "expected training compute" in r.output and x.is_file()
+    r = run("inspect", "torchvision:resnet152", "--no-pretrained", "--json", "--image-size", "32")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert len(report["residuals"]) == 50 and report["summary"]["residual_branches"] == 50
+    assert all(b["fold_target"] for b in report["residuals"])
+    assert 0.7 < report["summary"]["expected_training_compute"] < 0.8
+    r = run("fold", x, "-o", y)
+    assert r.exit_code == 0, r.output
+    plain = timm.create_model("resnet152")
+    plain.load_state_dict(load_file(str(y)), strict=True)
+
+
+def test_inspect_lists_adds_that_are_not_residuals_and_reads_checkpoints(tmp_path):
+    r = run("inspect", "timm:vit_tiny_patch16_224", "--arg", "img_size=32", "--image-size", "32")
+    assert r.exit_code == 0, r.output
+    assert "blocks.11.mlp" in r.output and "not a residual: add in '<model>'" in r.output
+    path = tmp_path / "c.safetensors"
+    assert run("convert", "timm:resnet18", "--no-pretrained", "--image-size", "32", "--drop-rate",
+               "0.2", "--schedule", "uniform", "-o", path).exit_code == 0
+    report = json.loads(run("inspect", path, "--json", "--image-size", "32").stdout)
+    assert report["converted"] and {b["drop_prob"] for b in report["residuals"]} == {0.2}
+
+
+def test_models_lists_and_filters():
+    r = run("models", "resnet1*")
+    assert r.exit_code == 0 and "timm:resnet18" in r.stdout and "torchvision:resnet152" in r.stdout
+    assert run("models", "no_such_model_*").exit_code == 1
+
+
+def test_bench_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    r = run("bench", "timm:resnet18", "--batch-size", "2", "--image-size", "32", "--steps", "2",
+            "--json", out)
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert set(result["train_ratio"]) == {"original", "sdsurgery p=0", "sdsurgery block 0.5",
+                                          "drop_path_rate=0.5"}
+    assert result["train_ratio"]["original"] == 1.0 and 0.5 < result["theory"] < 0.9
+    assert set(result["eval_ratio"]) == {"original", "folded"}
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["convert", "resnet5", "--no-pretrained", "-o", "{tmp}/a.safetensors"], ["unknown model 'resnet5'", "did you mean"]),
+    (["convert", "resnet18", "--no-pretrained", "--drop-rate", "1.5", "-o", "{tmp}/a.safetensors"], ["--drop-rate must be in [0, 1)"]),
+    (["convert", "resnet18", "--no-pretrained", "--mode", "row", "-o", "{tmp}/a.safetensors"], ["--mode must be one of block, sample"]),
+    (["convert", "resnet18", "--no-pretrained", "-o", "{tmp}/no/such/dir/a.safetensors"], ["does not exist"]),
+    (["convert", "resnet18", "--no-pretrained", "-o", "{tmp}/a.pt"], ["must end in .safetensors"]),
+    (["convert", "resnet18", "--no-pretrained", "--arg", "oops", "-o", "{tmp}/a.safetensors"], ["--arg 'oops'"]),
+    (["fold", "{tmp}/missing.safetensors", "-o", "{tmp}/b.safetensors"], ["does not exist"]),
+    (["fold", "{tmp}/junk.safetensors", "-o", "{tmp}/b.safetensors"], ["not a readable safetensors file"]),
+    (["fold", "{tmp}/foreign.safetensors", "-o", "{tmp}/b.safetensors"], ["without sdsurgery metadata"]),
+    (["convert", "resnet18", "--weights", "{tmp}/foreign.safetensors", "-o", "{tmp}/a.safetensors"], ["does not fit ResNet: keys"]),
+])
+def test_user_errors_exit_2_with_one_line(tmp_path, args, fragments):
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    import torch
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    result = run(*[a.replace("{tmp}", str(tmp_path)) for a in args])
+    _one_line_error(result, *fragments)
+    assert not (tmp_path / "a.safetensors").exists() and not (tmp_path / "b.safetensors").exists()
+
+
+def test_folding_a_folded_checkpoint_is_an_error_and_debug_shows_the_traceback(tmp_path):
+    x, y = tmp_path / "x.safetensors", tmp_path / "y.safetensors"
+    assert run("convert", "timm:resnet18", "--no-pretrained", "--image-size", "32", "-o", x).exit_code == 0
+    assert run("fold", x, "-o", y).exit_code == 0
+    _one_line_error(run("fold", y, "-o", tmp_path / "z.safetensors"), "nothing to fold")
+    debug = runner.invoke(app, ["--debug", "fold", str(y), "-o", str(tmp_path / "z.safetensors")])
+    assert debug.exit_code != 0 and isinstance(debug.exception, ValueError)
+
+
+def test_installed_script_and_python_m():
+    script = Path(sys.executable).with_name("sdsurgery")
+    out = subprocess.run([str(script), "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == f"sdsurgery {sdsurgery.__version__}"
+    out = subprocess.run([sys.executable, "-m", "sdsurgery", "convert", "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "Example: sdsurgery convert resnet152" in out.stdout
+    out = subprocess.run([str(script), "inspect", "no_such_model_xyz"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: unknown model 'no_such_model_xyz'")
