@@ -51,6 +51,8 @@ def user_errors(fn: Callable) -> Callable:
             if _state["debug"]:
                 raise
             message = " ".join(str(e).split()) or type(e).__name__
+            if isinstance(e, sdsurgery.TraceError) and e.module:
+                message += f" (on the command line: --leaf {e.module})"
             err.print(f"error: {message}", markup=False)
             raise typer.Exit(2)
     return wrapper
@@ -169,6 +171,7 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
             gate_projection: bool = typer.Option(True, "--gate-projection/--no-gate-projection",
                                                  help="Also gate branches with a projection shortcut."),
             seed: Optional[int] = typer.Option(None, help="Seed of the gates' generator."),
+            leaf: List[str] = typer.Option([], help="Module (qualified name) fx must not trace into (repeatable)."),
             image_size: Optional[int] = typer.Option(None, help="Input size for the FLOPs table (default: the model's)."),
             ) -> None:
     """Give MODEL stochastic depth and save it as one .safetensors checkpoint.
@@ -181,7 +184,8 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
     net = _build(model, pretrained, weights, num_classes, arg)
     converted = sdsurgery.convert(net, drop_rate=drop_rate, schedule=schedule, mode=mode,
                                   scaling=scaling, include=include or None, exclude=exclude or None,
-                                  gate_projection=gate_projection, seed=seed, inplace=True)
+                                  gate_projection=gate_projection, seed=seed, leaf_modules=leaf,
+                                  inplace=True)
     sdsurgery.save(converted, output)
     report = _report(converted, image_size or _default_image_size(converted))
     _print_report(f"{model}: stochastic depth", report, fold_column=False)
@@ -200,6 +204,7 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
             drop_rate: float = typer.Option(0.5, help="Drop rate to show probabilities and savings for."),
             schedule: str = typer.Option("linear", help="linear | uniform"),
             mode: str = typer.Option("block", help="block | sample"),
+            leaf: List[str] = typer.Option([], help="Module (qualified name) fx must not trace into (repeatable)."),
             image_size: Optional[int] = typer.Option(None, help="Input size for FLOPs (default: the model's)."),
             ) -> None:
     """Show a model's residual branches, their FLOPs, fold targets and the adds that are not
@@ -218,9 +223,9 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
             net = sdsurgery.load(target)
     else:
         plain = _build(target, pretrained, weights, num_classes, arg)
-    analysis = sdsurgery.analyse(plain)
+    analysis = sdsurgery.analyse(plain, leaf_modules=leaf)
     converted = net if net is not None else sdsurgery.convert(
-        plain, drop_rate=drop_rate, schedule=schedule, mode=mode, seed=0)
+        plain, drop_rate=drop_rate, schedule=schedule, mode=mode, seed=0, leaf_modules=leaf)
     report = _report(converted, image_size or _default_image_size(converted))
     report["rejected"] = [{"owner": r.owner, "reason": r.reason} for r in analysis.rejected]
     report["model"] = target

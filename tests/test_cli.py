@@ -115,3 +115,35 @@ def test_installed_script_and_python_m():
     out = subprocess.run([str(script), "inspect", "no_such_model_xyz"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("error: unknown model 'no_such_model_xyz'")
+
+
+UNTRACEABLE = '''
+import torch, torch.nn as nn
+
+class Odd(nn.Module):
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.odd = Odd()
+    def forward(self, x):
+        return self.odd(x + self.fc(x))
+
+def make():
+    return Net()
+'''
+
+
+def test_untraceable_model_names_the_module_and_the_leaf_option(tmp_path):
+    f = tmp_path / "net.py"
+    f.write_text(UNTRACEABLE)
+    out = tmp_path / "n.safetensors"
+    _one_line_error(run("convert", f"{f}:make", "--image-size", "4", "-o", out),
+                    "cannot trace 'odd' (Odd)", "--leaf odd")
+    assert not out.exists()
+    r = run("inspect", f"{f}:make", "--leaf", "odd", "--json", "--image-size", "4")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["summary"]["residual_branches"] == 1

@@ -111,3 +111,16 @@ def test_list_models_filters_by_glob():
     assert "timm:resnet18" in names and "torchvision:resnet152" in names
     assert "sdsurgery:tiny_registered_net" in sdsurgery.list_models("tiny_registered*")
     assert sdsurgery.list_models("no_model_has_this_name*") == []
+
+
+def test_hf_hub_specs_go_through_timm(monkeypatch):
+    seen = {}
+
+    def fake(name, pretrained=False, **kw):
+        seen["name"], seen["pretrained"] = name, pretrained
+        return nn.Linear(2, 2)
+
+    monkeypatch.setattr(timm, "create_model", fake)
+    m = sdsurgery.create_model("hf-hub:timm/resnet18.a1_in1k")
+    assert seen == {"name": "hf-hub:timm/resnet18.a1_in1k", "pretrained": True}
+    assert source_of(m).spec == "hf-hub:timm/resnet18.a1_in1k"
