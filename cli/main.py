@@ -334,6 +334,66 @@ def models(pattern: str = typer.Argument("*", help="Glob over model names, e.g. 
 
 @app.command()
 @user_errors
+def finetune(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+             set_: List[str] = typer.Option([], "--set", help="Override a recipe field: section.key=value (repeatable)."),
+             resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
+             ) -> None:
+    """Fine-tune with stochastic depth (HF accelerate), fold, export model.safetensors.
+
+    Examples: sdsurgery finetune recipes/demo.yaml --set train.epochs=5 |
+    torchrun --nproc_per_node 2 -m sdsurgery finetune recipes/demo.yaml --set train.cpu=true
+    """
+    from sdsurgery.recipes import load_recipe
+    from sdsurgery.train import finetune as run
+
+    overrides = list(set_)
+    if resume is not None:
+        saved = resume / "recipe.yaml"
+        if not saved.is_file():
+            raise ValueError(f"--resume {resume}: no recipe.yaml there (not a run directory)")
+        recipe_obj = load_recipe(saved, overrides)
+    else:
+        recipe_obj = load_recipe(recipe, overrides)
+    result = run(recipe_obj, resume=resume, console=console)
+    import os
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    table = Table(title=f"{recipe_obj.model.name} on {recipe_obj.data.dataset}: test set")
+    for col in ("model", "top-1 %", "top-5 %", "loss"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for name, m in (("gated (eval mode)", result.gated), ("folded (plain architecture)", result.folded)):
+        table.add_row(name, f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['loss']:.4f}")
+    console.print(table)
+    console.print(f"training time {result.train_seconds:.0f} s; model saved to {result.model_path}",
+                  markup=False)
+
+
+@app.command(name="eval")
+@user_errors
+def eval_(checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint."),
+          dataset: str = typer.Option(..., help="cifar10 | cifar100 | svhn | digits | fake | imagefolder"),
+          data_dir: Path = typer.Option(Path("data"), help="Where the dataset lives."),
+          image_size: Optional[int] = typer.Option(None, help="Input size (default: the dataset's)."),
+          batch_size: int = typer.Option(256, help="Images per batch."),
+          ) -> None:
+    """Top-1 / top-5 accuracy and loss of a checkpoint on a dataset's test split.
+
+    Example: sdsurgery eval runs/demo/model.safetensors --dataset digits --image-size 16
+    """
+    import torch
+    from sdsurgery.data import load_datasets
+    from sdsurgery.train import evaluate
+
+    model = sdsurgery.load(checkpoint)
+    splits = load_datasets(dataset, data_dir, image_size=image_size)
+    loader = torch.utils.data.DataLoader(splits.test, batch_size=batch_size)
+    m = evaluate(model, loader)
+    console.print(f"{checkpoint} on {dataset} test ({m['images']} images): top-1 {m['top1']:.2f}%, "
+                  f"top-5 {m['top5']:.2f}%, loss {m['loss']:.4f}", markup=False)
+
+
+@app.command()
+@user_errors
 def demo(model: str = typer.Option("resnet50", help="torchvision classification model to convert."),
          drop_rate: float = typer.Option(0.5, help="Drop probability of the deepest branch."),
          image_size: int = typer.Option(64, help="Input size of the check forward passes.")) -> None:

@@ -343,3 +343,6 @@ def check_keys(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
             parts.append(f"{len(shapes)} with other shapes ({k}: file {tuple(state[k].shape)}, "
                          f"model {tuple(expected[k].shape)})")
         raise WeightsError(f"{what} does not fit {type(model).__name__}: keys " + "; ".join(parts))
+
+
+from . import cifar_resnet  # noqa: E402,F401  (registers the paper's ResNets)

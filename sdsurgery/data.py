@@ -1,0 +1,186 @@
+"""Datasets for fine-tuning: CIFAR-10/100 and SVHN through torchvision's own classes (the real
+on-disk formats), ImageFolder, torchvision FakeData, and scikit-learn's bundled handwritten
+digits (1,797 real 8x8 images: the offline demo).
+
+All images come out as float tensors (3, S, S), normalised per dataset (or with the mean/std a
+pretrained model wants).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset, Subset
+
+from .errors import SurgeryError
+
+# name: (num_classes, native size, mean, std, flip)
+_STATS = {
+    "cifar10": (10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True),
+    "cifar100": (100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), True),
+    "svhn": (10, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False),
+    "digits": (10, 8, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), False),
+    "fake": (10, 32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True),
+    "imagefolder": (None, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
+}
+DATASETS = tuple(_STATS)
+
+
+class DataError(SurgeryError, ValueError):
+    """A dataset is missing, unknown or malformed."""
+
+
+@dataclass
+class Splits:
+    """Train, validation (may be None) and test sets, and what a model needs to know."""
+
+    train: Dataset
+    val: Dataset | None
+    test: Dataset
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _transforms(train: bool, image_size: int, native: int | None, mean, std, flip: bool, augment: bool):
+    from torchvision import transforms as T
+
+    steps = []
+    if native is None:  # ImageFolder: arbitrary sizes
+        steps += [T.RandomResizedCrop(image_size) if train and augment else T.Compose(
+            [T.Resize(int(image_size * 1.14)), T.CenterCrop(image_size)])]
+    elif image_size != native:
+        steps.append(T.Resize(image_size, antialias=True))
+    if train and augment and native is not None:
+        pad = max(1, round(4 * image_size / 32))  # the standard 4-pixel padding at 32 px
+        steps.append(T.RandomCrop(image_size, padding=pad))
+    if train and augment and flip:
+        steps.append(T.RandomHorizontalFlip())
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+class _TensorImages(Dataset):
+    """Images held as a uint8 tensor (N, H, W), served through a PIL-based transform."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = Image.fromarray(self.images[i].numpy()).convert("RGB")
+        return self.transform(img), int(self.labels[i])
+
+
+def _digits(train: bool, transform) -> Dataset:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - a declared dependency
+        raise DataError("the digits dataset needs scikit-learn (pip install scikit-learn)") from e
+    d = load_digits()
+    images = torch.tensor(d.images * (255.0 / 16.0)).round().to(torch.uint8)
+    labels = torch.tensor(d.target)
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    n_test = 360  # a fixed 20% test split
+    idx = perm[n_test:] if train else perm[:n_test]
+    return _TensorImages(images[idx], labels[idx], transform)
+
+
+def _missing(name: str, root: Path, files: str) -> DataError:
+    return DataError(f"{name} not found in {root} (looked for {files}); set `download: true` in the "
+                     f"recipe (--set data.download=true) to fetch it, or put the files there")
+
+
+def load_datasets(name: str, root: str | Path = "data", *, download: bool = False,
+                  image_size: int | None = None, val_split: int = 0, seed: int = 0,
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                  augment: bool = True, train_split: str = "train", fake_size: int = 256) -> Splits:
+    """Build the train / val / test datasets of ``name``.
+
+    Args:
+        name: cifar10, cifar100, svhn, digits, fake or imagefolder.
+        root: data directory (CIFAR: ``root/cifar-10-batches-py`` ...; SVHN:
+            ``root/{train,test,extra}_32x32.mat``; imagefolder: ``root/train``, ``root/val``).
+        download: let torchvision download missing files.
+        image_size: output size in pixels (default: the dataset's native size; digits: 32).
+        val_split: hold out this many training images (a seeded random subset) for validation.
+        mean, std: normalisation (default: the dataset's own statistics).
+        augment: random crop with padding and (except SVHN and digits) horizontal flips.
+        train_split: for SVHN, ``train`` or ``train+extra``.
+    """
+    if name not in _STATS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    import torchvision.datasets as D
+
+    num_classes, native, dmean, dstd, flip = _STATS[name]
+    mean, std = tuple(mean or dmean), tuple(std or dstd)
+    size = image_size or (32 if name == "digits" else native or 224)
+    t_train = _transforms(True, size, native, mean, std, flip, augment)
+    t_test = _transforms(False, size, native, mean, std, flip, augment)
+    t_val = _transforms(False, size, native, mean, std, flip, augment)
+    root = Path(root)
+    try:
+        if name in ("cifar10", "cifar100"):
+            cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
+            folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+            if not download and not (root / folder).is_dir():
+                raise _missing(name, root, f"{folder}/")
+            try:
+                train = cls(str(root), train=True, transform=t_train, download=download)
+                val_base = cls(str(root), train=True, transform=t_val, download=False)
+                test = cls(str(root), train=False, transform=t_test, download=False)
+            except RuntimeError as e:
+                if "not found" in str(e).lower() or "corrupted" in str(e).lower():
+                    raise _missing(name, root, f"{folder}/") from e
+                raise
+        elif name == "svhn":
+            parts = train_split.split("+")
+            if any(p not in ("train", "extra") for p in parts):
+                raise DataError(f"svhn train_split must be 'train' or 'train+extra', got {train_split!r}")
+            files = [f"{p}_32x32.mat" for p in parts + ["test"]]
+            if not download and not all((root / f).is_file() for f in files):
+                raise _missing(name, root, ", ".join(files))
+            try:
+                sets = [D.SVHN(str(root), split=p, transform=t_train, download=download) for p in parts]
+                val_sets = [D.SVHN(str(root), split=p, transform=t_val, download=False) for p in parts]
+                test = D.SVHN(str(root), split="test", transform=t_test, download=download)
+            except RuntimeError as e:
+                if "not found" in str(e).lower() or "corrupted" in str(e).lower():
+                    raise _missing(name, root, ", ".join(f"{p}_32x32.mat" for p in parts + ["test"])) from e
+                raise
+            train = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
+            val_base = val_sets[0] if len(val_sets) == 1 else torch.utils.data.ConcatDataset(val_sets)
+        elif name == "digits":
+            train, val_base, test = _digits(True, t_train), _digits(True, t_val), _digits(False, t_test)
+        elif name == "fake":
+            train = D.FakeData(fake_size, (3, native, native), num_classes, t_train, random_offset=0)
+            val_base = D.FakeData(fake_size, (3, native, native), num_classes, t_val, random_offset=0)
+            test = D.FakeData(max(fake_size // 4, 8), (3, native, native), num_classes, t_test,
+                              random_offset=fake_size)
+        else:  # imagefolder
+            for sub in ("train", "val"):
+                if not (root / sub).is_dir():
+                    raise DataError(f"imagefolder needs {root / sub}/CLASS/IMAGE files")
+            train = D.ImageFolder(str(root / "train"), transform=t_train)
+            val_base = D.ImageFolder(str(root / "train"), transform=t_val)
+            test = D.ImageFolder(str(root / "val"), transform=t_test)
+            num_classes = len(train.classes)
+    except OSError as e:  # download failures, unreadable files
+        raise DataError(f"cannot load {name} from {root}: {type(e).__name__}: {e}") from e
+    val = None
+    if val_split:
+        n = len(train)
+        if not 0 < val_split < n:
+            raise DataError(f"val_split must be between 0 and the {n} training images, got {val_split}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        val = Subset(val_base, perm[:val_split])
+        train = Subset(train, perm[val_split:])
+    return Splits(train=train, val=val, test=test, num_classes=num_classes, mean=mean, std=std)
+
+
+__all__ = ["DATASETS", "DataError", "Splits", "load_datasets"]

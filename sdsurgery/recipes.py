@@ -1,0 +1,194 @@
+"""Fine-tuning recipes: YAML files validated against a typed schema.
+
+Every section is a dataclass; an unknown or misspelled key is an error naming it and the valid
+ones, and ``--set section.key=value`` overrides any field with the same type checking.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import SurgeryError
+
+
+class RecipeError(SurgeryError, ValueError):
+    """A recipe (or an override) does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cifar_resnet20"          # any spec create_model accepts
+    pretrained: bool = False
+    weights: Optional[str] = None          # local weights file
+    num_classes: Optional[int] = None      # default: the dataset's
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"                # cifar10 | cifar100 | svhn | digits | fake | imagefolder
+    data_dir: str = "data"
+    download: bool = False
+    image_size: Optional[int] = None       # default: the dataset's native size
+    val_split: int = 0                     # training images held out for validation
+    train_split: str = "train"             # svhn: train | train+extra
+    mean: Optional[list] = None            # default: the dataset's (or the model's pretrained cfg)
+    std: Optional[list] = None
+    augment: bool = True
+    workers: int = 0
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"                      # sgd | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"                     # step | cosine | constant
+    milestones: list = field(default_factory=list)  # epochs at which lr is multiplied by gamma
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+
+
+@dataclass
+class StochasticDepthConfig:
+    enabled: bool = True
+    drop_rate: float = 0.5
+    schedule: str = "linear"
+    mode: str = "block"
+    scaling: str = "expectation"
+    warmup_epochs: float = 0.0             # ramp the drop rate linearly from 0 over these epochs
+    include: Optional[list] = None
+    exclude: Optional[list] = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128                  # per device
+    grad_accum: int = 1
+    clip_grad: Optional[float] = None
+    label_smoothing: float = 0.0
+    mixed_precision: str = "no"            # no | bf16 | fp16
+    seed: int = 0
+    output_dir: str = "runs/run"
+    checkpoint_every: int = 1              # epochs
+    keep_checkpoints: int = 2
+    eval_batch_size: int = 256
+    cpu: bool = False                      # force CPU even where CUDA is available
+    max_steps_per_epoch: Optional[int] = None  # for smoke tests
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    stochastic_depth: StochasticDepthConfig = field(default_factory=StochasticDepthConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    description: str = ""
+    paper: dict = field(default_factory=dict)  # what the paper reports for this setting
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    ("data", "dataset"): ("cifar10", "cifar100", "svhn", "digits", "fake", "imagefolder"),
+    ("optimizer", "name"): ("sgd", "adamw"),
+    ("schedule", "name"): ("step", "cosine", "constant"),
+    ("stochastic_depth", "schedule"): ("linear", "uniform"),
+    ("stochastic_depth", "mode"): ("block", "sample"),
+    ("stochastic_depth", "scaling"): ("expectation", "inverted"),
+    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+}
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _check_type(path, value, args[0])
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    expected = origin or tp
+    if expected is float and isinstance(value, float):
+        return value
+    if expected in (int, str, bool, list, dict) and isinstance(value, expected) and not (
+            expected is int and isinstance(value, bool)):
+        return value
+    raise RecipeError(f"{path} must be {getattr(expected, '__name__', expected)}, got "
+                      f"{type(value).__name__} {value!r}")
+
+
+def _build(cls: type, data: Any, path: str):
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path or 'the recipe'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"unknown recipe key {where!r}{hint}; valid keys"
+                              f"{' in ' + path if path else ''}: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value if value is not None else {}, where)
+        else:
+            kwargs[key] = _check_type(where, value, tp)
+            section = path.split(".")[-1] if path else ""
+            allowed = _CHOICES.get((section, key))
+            if allowed and kwargs[key] not in allowed:
+                raise RecipeError(f"{where} must be one of {', '.join(allowed)}, got {kwargs[key]!r}")
+    return cls(**kwargs)
+
+
+def parse_recipe(data: dict) -> Recipe:
+    return _build(Recipe, data or {}, "")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw recipe dict."""
+    out = yaml.safe_load(yaml.safe_dump(data)) or {}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--set {item!r}: expected section.key=value")
+        value = yaml.safe_load(raw) if raw else ""
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {p} is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read and validate a recipe file, then apply ``--set`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
+    return parse_recipe(apply_overrides(data, overrides or []))

@@ -1,0 +1,54 @@
+"""Recipes: a typed schema, errors that name the key, --set overrides with type checks."""
+from pathlib import Path
+
+import pytest
+
+from sdsurgery.recipes import RecipeError, load_recipe, parse_recipe
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_validate(path):
+    recipe = load_recipe(path)
+    assert recipe.train.epochs > 0 and recipe.model.name
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("model: {name: cifar_resnet56}\ntrain: {epochs: 3}\n")
+    r = load_recipe(f, ["train.batch_size=32", "optimizer.lr=0.05", "stochastic_depth.mode=sample",
+                        "data.mean=[0.5, 0.5, 0.5]", "train.clip_grad=1"])
+    assert (r.model.name, r.train.epochs, r.train.batch_size, r.optimizer.lr) == ("cifar_resnet56", 3, 32, 0.05)
+    assert r.stochastic_depth.mode == "sample" and r.data.mean == [0.5, 0.5, 0.5]
+    assert r.train.clip_grad == 1.0 and isinstance(r.train.clip_grad, float)
+    assert r.stochastic_depth.drop_rate == 0.5  # default
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"trian": {}}, "unknown recipe key 'trian' (did you mean 'train'?); valid keys: model, data"),
+    ({"train": {"epoch": 3}}, "unknown recipe key 'train.epoch' (did you mean 'epochs'?); valid keys in train: epochs"),
+    ({"train": {"epochs": "ten"}}, "train.epochs must be int, got str 'ten'"),
+    ({"train": {"epochs": True}}, "train.epochs must be int, got bool"),
+    ({"stochastic_depth": {"mode": "row"}}, "stochastic_depth.mode must be one of block, sample"),
+    ({"data": {"dataset": "mnist"}}, "data.dataset must be one of cifar10, cifar100, svhn"),
+    ({"optimizer": 3}, "optimizer must be a mapping"),
+])
+def test_bad_recipes_name_the_key(data, message):
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data)
+    assert message in str(info.value)
+
+
+def test_bad_overrides_and_files(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("train: {epochs: 3}\n")
+    with pytest.raises(RecipeError, match="expected section.key=value"):
+        load_recipe(f, ["train.epochs"])
+    with pytest.raises(RecipeError, match="train.epochs must be int"):
+        load_recipe(f, ["train.epochs=1.5"])
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
