@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sdsurgery demo
+	$(VENV)/bin/sdsurgery finetune recipes/demo.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -88,6 +88,7 @@ class TrainConfig:
     eval_batch_size: int = 256
     cpu: bool = False                      # force CPU even where CUDA is available
     max_steps_per_epoch: Optional[int] = None  # for smoke tests
+    require_top1: Optional[float] = None   # fail the run if the test top-1 (%) ends below this
 
 
 @dataclass

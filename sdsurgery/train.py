@@ -132,7 +132,7 @@ def _checkpoints(run_dir: Path) -> list[Path]:
 def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) -> TrainResult:
     """Train ``recipe`` end to end and return the gated and folded test metrics."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -149,6 +149,8 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
         cpu=t.cpu or not torch.cuda.is_available(),
+        # one permutation per epoch from the recipe's seed, whatever the number of processes
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     console = console or Console()
     main = accelerator.is_main_process
@@ -201,12 +203,15 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     start = time.perf_counter()
     for epoch in range(state.epoch, t.epochs):
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)  # the epoch's permutation, resumed or not
         model.train()
         seen, loss_sum, steps = 0, 0.0, 0
         t0 = time.perf_counter()
         progress = Progress(TextColumn(f"epoch {epoch + 1}/{t.epochs}"), BarColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                            console=console, disable=not main, transient=True)
+                            console=console, disable=not (main and console.is_terminal),
+                            transient=True)
         with progress:
             task = progress.add_task("train", total=steps_per_epoch, info="")
             for i, (x, y) in enumerate(train_loader):
@@ -265,5 +270,11 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
                              gated=gated, folded=folded_metrics, model_path=str(model_path))
         (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
     accelerator.wait_for_everyone()
+    if t.require_top1 is not None:
+        worst = min(gated["top1"], folded_metrics["top1"])
+        if worst < t.require_top1:
+            raise SurgeryError(f"test top-1 {worst:.2f}% (gated {gated['top1']:.2f}%, folded "
+                               f"{folded_metrics['top1']:.2f}%) is below the recipe's "
+                               f"train.require_top1 = {t.require_top1}")
     return TrainResult(run_dir=str(run_dir), epochs=t.epochs, train_seconds=train_seconds,
                        gated=gated, folded=folded_metrics, model_path=str(model_path))

@@ -97,3 +97,26 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return model
+
+
+class ResidualConvNet(nn.Module):
+    """BatchNorm-free residual CNN: its training is a deterministic function of the global
+    batch, so data-parallel runs can be compared with one process."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8, blocks: int = 3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, padding=1))
+            for _ in range(blocks))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = x + b(x)
+        return self.head(x.mean((2, 3)))
+
+
+def residual_convnet(num_classes: int = 10) -> nn.Module:
+    return ResidualConvNet(num_classes)

@@ -1,0 +1,128 @@
+"""sdsurgery finetune end to end on tiny files in the real formats; resume; two processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import sdsurgery
+from cli.main import app
+from test_data import write_cifar10, write_svhn
+
+TESTS = Path(__file__).parent
+runner = CliRunner()
+
+
+def recipe(tmp_path, dataset, **train):
+    r = {
+        "model": {"name": "cifar_resnet20"},
+        "data": {"dataset": dataset, "data_dir": str(tmp_path / "data"), "image_size": 8},
+        "optimizer": {"name": "sgd", "lr": 0.05},
+        "schedule": {"name": "step", "milestones": [2]},
+        "stochastic_depth": {"drop_rate": 0.5},
+        "train": {"epochs": 2, "batch_size": 4, "eval_batch_size": 8, "seed": 1,
+                  "output_dir": str(tmp_path / "run"), "keep_checkpoints": 1, **train},
+    }
+    path = tmp_path / f"{dataset}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+@pytest.fixture
+def no_md5(monkeypatch):
+    import torchvision.datasets.cifar as cifar
+    import torchvision.datasets.svhn as svhn
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(svhn, "check_integrity", lambda *a, **k: True)
+
+
+def _metrics(run):
+    return [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_finetune_cifar10_checkpoint_resume_fold_eval(tmp_path, no_md5):
+    write_cifar10(tmp_path / "data", n_train=40, n_test=10)
+    path = recipe(tmp_path, "cifar10")
+    run = tmp_path / "run"
+    # an uninterrupted run of 2 epochs ...
+    straight = runner.invoke(app, ["finetune", str(path), "--set", f"train.output_dir={tmp_path / 'straight'}"])
+    assert straight.exit_code == 0, straight.output
+    assert "folded (plain architecture)" in straight.output
+    # ... against one stopped after epoch 1 and resumed
+    first = runner.invoke(app, ["finetune", str(path), "--set", "train.epochs=1"])
+    assert first.exit_code == 0, first.output
+    assert [m["epoch"] for m in _metrics(run)] == [1]
+    resumed = runner.invoke(app, ["finetune", str(path), "--resume", str(run), "--set", "train.epochs=2"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "resumed from" in resumed.output
+    assert [m["epoch"] for m in _metrics(run)] == [1, 2]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_2"]
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a), "resume must continue exactly"
+    # the exported model is folded, in the CLI's format; eval reads it back
+    meta = sdsurgery.read_metadata(run / "model.safetensors")
+    assert meta["folded"] and not meta["converted"] and meta["model"]["spec"] == "sdsurgery:cifar_resnet20"
+    result = json.loads((run / "result.json").read_text())
+    assert abs(result["gated"]["top1"] - result["folded"]["top1"]) < 1e-9
+    ev = runner.invoke(app, ["eval", str(run / "model.safetensors"), "--dataset", "cifar10",
+                             "--data-dir", str(tmp_path / "data"), "--image-size", "8"])
+    assert ev.exit_code == 0, ev.output
+    assert f"top-1 {result['folded']['top1']:.2f}%" in ev.output
+
+
+def test_finetune_svhn(tmp_path, no_md5):
+    write_svhn(tmp_path / "data", ("train", "test"), n=16)
+    r = runner.invoke(app, ["finetune", str(recipe(tmp_path, "svhn")), "--set", "train.epochs=1",
+                            "--set", "stochastic_depth.mode=sample"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_finetune_errors(tmp_path):
+    path = recipe(tmp_path, "cifar10")
+    r = runner.invoke(app, ["finetune", str(path)])
+    assert r.exit_code == 2 and "cifar10 not found" in r.stderr and "download: true" in r.stderr
+    r = runner.invoke(app, ["finetune", str(path), "--set", "train.epochz=3"])
+    assert r.exit_code == 2 and "unknown recipe key 'train.epochz'" in r.stderr
+    r = runner.invoke(app, ["finetune", str(path), "--resume", str(tmp_path / "nowhere")])
+    assert r.exit_code == 2 and "not a run directory" in r.stderr
+
+
+def _torchrun_recipe(tmp_path, name, batch_size):
+    r = {
+        "model": {"name": "models:residual_convnet"},
+        "data": {"dataset": "fake", "augment": False, "image_size": 8},
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
+        "schedule": {"name": "constant"},
+        "stochastic_depth": {"drop_rate": 0.5},
+        "train": {"epochs": 1, "batch_size": batch_size, "seed": 3, "cpu": True,
+                  "max_steps_per_epoch": 6, "output_dir": str(tmp_path / name), "checkpoint_every": 0},
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def test_two_cpu_processes_match_one_process(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "sdsurgery", "finetune", str(_torchrun_recipe(tmp_path, "one", 8))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "sdsurgery", "finetune",
+                          str(_torchrun_recipe(tmp_path, "two", 4))],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # only the main process writes: one metrics line, one model
+    assert len(_metrics(tmp_path / "two")) == 1
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    # same global batch, same gate seed: the ranks dropped what one process dropped
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
