@@ -32,6 +32,13 @@ class DataError(SurgeryError, ValueError):
     """A dataset is missing, unknown or malformed."""
 
 
+def num_classes_of(name: str) -> int | None:
+    """Classes of a named dataset (None for imagefolder: it depends on the folder)."""
+    if name not in _STATS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return _STATS[name][0]
+
+
 @dataclass
 class Splits:
     """Train, validation (may be None) and test sets, and what a model needs to know."""

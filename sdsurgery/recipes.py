@@ -38,7 +38,8 @@ class DataConfig:
     image_size: Optional[int] = None       # default: the dataset's native size
     val_split: int = 0                     # training images held out for validation
     train_split: str = "train"             # svhn: train | train+extra
-    mean: Optional[list] = None            # default: the dataset's (or the model's pretrained cfg)
+    normalize: str = "dataset"             # dataset | model (the pretrained model's mean/std)
+    mean: Optional[list] = None            # explicit mean/std override both
     std: Optional[list] = None
     augment: bool = True
     workers: int = 0
@@ -108,6 +109,7 @@ class Recipe:
 
 _CHOICES = {
     ("data", "dataset"): ("cifar10", "cifar100", "svhn", "digits", "fake", "imagefolder"),
+    ("data", "normalize"): ("dataset", "model"),
     ("optimizer", "name"): ("sgd", "adamw"),
     ("schedule", "name"): ("step", "cosine", "constant"),
     ("stochastic_depth", "schedule"): ("linear", "uniform"),

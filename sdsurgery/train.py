@@ -129,6 +129,17 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[6:]))
 
 
+def _fresh_dir(path: Path) -> Path:
+    """``path``, or ``path-2``, ``path-3`` ... when it already holds a run (never overwrite one).
+    Every rank computes the same answer before any of them writes."""
+    if not path.exists() or not any(path.iterdir()):
+        return path
+    n = 2
+    while Path(f"{path}-{n}").exists():
+        n += 1
+    return Path(f"{path}-{n}")
+
+
 def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) -> TrainResult:
     """Train ``recipe`` end to end and return the gated and folded test metrics."""
     from accelerate import Accelerator
@@ -137,15 +148,14 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import checkpoint as ckpt
-    from .data import load_datasets
+    from .data import load_datasets, num_classes_of
     from .fold import fold
     from .models import create_model, source_of
     from .surgery import controller, convert, set_drop_rate
 
     t = recipe.train
-    run_dir = Path(resume) if resume else Path(t.output_dir)
-    if resume and not _checkpoints(run_dir):
-        raise SurgeryError(f"--resume {run_dir}: no checkpoints/epoch_N directory there to resume from")
+    if resume and not _checkpoints(Path(resume)):
+        raise SurgeryError(f"--resume {resume}: no checkpoints/epoch_N directory there to resume from")
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
         cpu=t.cpu or not torch.cuda.is_available(),
@@ -154,15 +164,24 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     console = console or Console()
     main = accelerator.is_main_process
+    run_dir = Path(resume) if resume else _fresh_dir(Path(t.output_dir))
+    accelerator.wait_for_everyone()  # every rank has chosen the directory before any writes
     set_seed(t.seed)
 
-    splits = load_datasets(recipe.data.dataset, recipe.data.data_dir, download=recipe.data.download,
-                           image_size=recipe.data.image_size, val_split=recipe.data.val_split,
-                           seed=t.seed, mean=recipe.data.mean, std=recipe.data.std,
-                           augment=recipe.data.augment, train_split=recipe.data.train_split)
-    m = recipe.model
+    d, m = recipe.data, recipe.model
+    num_classes = m.num_classes or num_classes_of(d.dataset)
+    if num_classes is None:  # imagefolder: count the classes
+        num_classes = load_datasets(d.dataset, d.data_dir, image_size=d.image_size).num_classes
     model = create_model(m.name, pretrained=m.pretrained, weights=m.weights,
-                         num_classes=m.num_classes or splits.num_classes, **m.kwargs)
+                         num_classes=num_classes, **m.kwargs)
+    mean, std = d.mean, d.std
+    if d.normalize == "model" and mean is None:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        mean = list(cfg.get("mean", (0.485, 0.456, 0.406)))
+        std = d.std or list(cfg.get("std", (0.229, 0.224, 0.225)))
+    splits = load_datasets(d.dataset, d.data_dir, download=d.download, image_size=d.image_size,
+                           val_split=d.val_split, seed=t.seed, mean=mean, std=std,
+                           augment=d.augment, train_split=d.train_split)
     spec = source_of(model)
     sd = recipe.stochastic_depth
     if sd.enabled:

@@ -52,3 +52,28 @@ def test_bad_overrides_and_files(tmp_path):
     (tmp_path / "bad.yaml").write_text("train: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_name_resolvable_models(path):
+    import sdsurgery
+    spec = load_recipe(path).model.name
+    name = spec.split(":", 1)[-1].split(".")[0]
+    found = sdsurgery.list_models(name)
+    assert found and any(f.split(":", 1)[0] == spec.split(":", 1)[0] or ":" not in spec for f in found), spec
+
+
+def test_paper_recipes_carry_the_papers_settings():
+    for path in RECIPES:
+        if path.parent.name != "paper":
+            continue
+        r = load_recipe(path)
+        assert r.paper.get("reported_test_error")
+        assert (r.optimizer.name, r.optimizer.lr, r.optimizer.momentum, r.optimizer.nesterov,
+                r.optimizer.weight_decay, r.train.batch_size) == ("sgd", 0.1, 0.9, True, 1e-4, 128)
+        assert (r.stochastic_depth.drop_rate, r.stochastic_depth.schedule) == (0.5, "linear")
+        if r.data.dataset.startswith("cifar"):
+            assert r.train.epochs == 500 and r.schedule.milestones == [250, 375] and r.data.val_split == 5000
+        else:
+            assert r.train.epochs == 50 and r.schedule.milestones == [30, 35]
+            assert r.data.train_split == "train+extra"
