@@ -164,6 +164,10 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     console = console or Console()
     main = accelerator.is_main_process
+    if recipe.stochastic_depth.enabled and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise SurgeryError(f"stochastic depth skips layers, but under {accelerator.distributed_type.name} "
+                           f"every rank must run every layer to gather its parameters; use DDP "
+                           f"(accelerate launch --multi_gpu) or set stochastic_depth.enabled=false")
     run_dir = Path(resume) if resume else _fresh_dir(Path(t.output_dir))
     accelerator.wait_for_everyone()  # every rank has chosen the directory before any writes
     set_seed(t.seed)
