@@ -32,6 +32,30 @@ class DataError(SurgeryError, ValueError):
     """A dataset is missing, unknown or malformed."""
 
 
+class SeededAugmentation(Dataset):
+    """Makes a dataset's random augmentation a function of (seed, epoch, index).
+
+    Each item is drawn under its own seed instead of the global RNG's running state, so the
+    same image gets the same crop and flip however the data is split over processes or
+    workers, and a run resumed mid-epoch sees exactly what an uninterrupted one saw (data
+    loaders fetch ahead, so the global RNG at a checkpoint is already past the next batch).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
+            return self.dataset[i]
+
+
 def num_classes_of(name: str) -> int | None:
     """Classes of a named dataset (None for imagefolder: it depends on the folder)."""
     if name not in _STATS:

@@ -84,7 +84,8 @@ class TrainConfig:
     mixed_precision: str = "no"            # no | bf16 | fp16
     seed: int = 0
     output_dir: str = "runs/run"
-    checkpoint_every: int = 1              # epochs
+    checkpoint_every: int = 1              # epochs (0: only mid-epoch / none)
+    checkpoint_every_steps: Optional[int] = None  # also save mid-epoch, every N optimizer steps
     keep_checkpoints: int = 2
     eval_batch_size: int = 256
     cpu: bool = False                      # force CPU even where CUDA is available

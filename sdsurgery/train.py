@@ -46,14 +46,15 @@ class _EpochState:
     """What the loop needs to resume, saved beside accelerate's state."""
 
     def __init__(self):
-        self.epoch = 0
+        self.epoch = 0   # epochs completed
+        self.step = 0    # optimizer steps completed in the current epoch (mid-epoch checkpoints)
         self.best = -1.0
 
     def state_dict(self):
-        return {"epoch": self.epoch, "best": self.best}
+        return {"epoch": self.epoch, "step": self.step, "best": self.best}
 
     def load_state_dict(self, d):
-        self.epoch, self.best = int(d["epoch"]), float(d["best"])
+        self.epoch, self.step, self.best = int(d["epoch"]), int(d.get("step", 0)), float(d["best"])
 
 
 def _lr_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
@@ -121,12 +122,23 @@ def _save_state_atomically(accelerator, directory: Path) -> None:
     accelerator.wait_for_everyone()
 
 
+def _checkpoint_key(p: Path) -> tuple[int, int] | None:
+    """``epoch_E`` (E epochs done) or ``epoch_E_step_S`` (E done, S steps into the next)."""
+    parts = p.name.split("_")
+    if len(parts) == 2 and parts[0] == "epoch" and parts[1].isdigit():
+        return int(parts[1]), 0
+    if len(parts) == 4 and parts[0] == "epoch" and parts[2] == "step" and parts[1].isdigit() and parts[3].isdigit():
+        return int(parts[1]), int(parts[3])
+    return None
+
+
 def _checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints in training order (``best`` is not one of them)."""
     ck = run_dir / "checkpoints"
     if not ck.is_dir():
         return []
-    found = [p for p in ck.iterdir() if p.is_dir() and p.name.startswith("epoch_") and p.name[6:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[6:]))
+    found = [p for p in ck.iterdir() if p.is_dir() and _checkpoint_key(p) is not None]
+    return sorted(found, key=_checkpoint_key)
 
 
 def _fresh_dir(path: Path) -> Path:
@@ -140,6 +152,12 @@ def _fresh_dir(path: Path) -> Path:
     return Path(f"{path}-{n}")
 
 
+def _prune(run_dir: Path, keep: int, main: bool) -> None:
+    if main:
+        for old in _checkpoints(run_dir)[:-max(1, keep)]:
+            shutil.rmtree(old)
+
+
 def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) -> TrainResult:
     """Train ``recipe`` end to end and return the gated and folded test metrics."""
     from accelerate import Accelerator
@@ -148,7 +166,7 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from . import checkpoint as ckpt
-    from .data import load_datasets, num_classes_of
+    from .data import SeededAugmentation, load_datasets, num_classes_of
     from .fold import fold
     from .models import create_model, source_of
     from .surgery import controller, convert, set_drop_rate
@@ -196,8 +214,9 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
         if sd.warmup_epochs > 0:
             set_drop_rate(model, 0.0)
     loader_kw = dict(num_workers=recipe.data.workers, pin_memory=torch.cuda.is_available())
-    train_loader = torch.utils.data.DataLoader(splits.train, batch_size=t.batch_size, shuffle=True,
-                                               drop_last=len(splits.train) > t.batch_size, **loader_kw)
+    train_set = SeededAugmentation(splits.train, t.seed)
+    train_loader = torch.utils.data.DataLoader(train_set, batch_size=t.batch_size, shuffle=True,
+                                               drop_last=len(train_set) > t.batch_size, **loader_kw)
     eval_set = splits.val if splits.val is not None else splits.test
     eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.eval_batch_size, **loader_kw)
     test_loader = torch.utils.data.DataLoader(splits.test, batch_size=t.eval_batch_size, **loader_kw)
@@ -221,15 +240,21 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
         last = _checkpoints(run_dir)[-1]
         accelerator.load_state(str(last))
         if main:
-            console.print(f"resumed from {last} (epoch {state.epoch} done)")
+            console.print(f"resumed from {last} (epoch {state.epoch} done"
+                          + (f", {state.step} steps into the next)" if state.step else ")"))
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
     start = time.perf_counter()
     for epoch in range(state.epoch, t.epochs):
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)  # the epoch's permutation, resumed or not
+        train_set.set_epoch(epoch)  # and its augmentations
         model.train()
         seen, loss_sum, steps = 0, 0.0, 0
+        batches = train_loader
+        if state.step:  # resuming mid-epoch: skip what was already trained on
+            batches = accelerator.skip_first_batches(train_loader, state.step * t.grad_accum)
+            steps = state.step
         t0 = time.perf_counter()
         progress = Progress(TextColumn(f"epoch {epoch + 1}/{t.epochs}"), BarColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
@@ -237,7 +262,7 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
                             transient=True)
         with progress:
             task = progress.add_task("train", total=steps_per_epoch, info="")
-            for i, (x, y) in enumerate(train_loader):
+            for i, (x, y) in enumerate(batches, start=steps * t.grad_accum):
                 if sd.enabled and sd.warmup_epochs > 0:
                     frac = min(1.0, (epoch + i / max(1, len(train_loader))) / sd.warmup_epochs)
                     set_drop_rate(raw, sd.drop_rate * frac)
@@ -256,10 +281,17 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
                     progress.update(task, advance=1, info=(
                         f"loss {loss_sum / seen:.3f} lr {scheduler.get_last_lr()[0]:.4g} "
                         f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f} img/s"))
+                    if t.checkpoint_every_steps and steps % t.checkpoint_every_steps == 0 \
+                            and steps < steps_per_epoch:
+                        state.step = steps
+                        _save_state_atomically(accelerator, run_dir / "checkpoints" / f"epoch_{epoch}_step_{steps}")
+                        _prune(run_dir, t.keep_checkpoints, main)
                     if t.max_steps_per_epoch and steps >= t.max_steps_per_epoch:
                         break
         metrics = evaluate(model, eval_loader, accelerator)
-        state.epoch = epoch + 1
+        state.epoch, state.step = epoch + 1, 0
+        improved = metrics["top1"] > state.best
+        state.best = max(state.best, metrics["top1"])
         record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                   "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
                   "eval_split": "val" if splits.val is not None else "test",
@@ -274,9 +306,9 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
                           f"{record['epoch_seconds']:.1f} s")
         if t.checkpoint_every and ((epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs):
             _save_state_atomically(accelerator, run_dir / "checkpoints" / f"epoch_{epoch + 1}")
-            if main:
-                for old in _checkpoints(run_dir)[:-max(1, t.keep_checkpoints)]:
-                    shutil.rmtree(old)
+            _prune(run_dir, t.keep_checkpoints, main)
+        if improved and t.checkpoint_every:
+            _save_state_atomically(accelerator, run_dir / "checkpoints" / "best")
     train_seconds = time.perf_counter() - start
 
     gated = evaluate(model, test_loader, accelerator)

@@ -62,7 +62,7 @@ def test_finetune_cifar10_checkpoint_resume_fold_eval(tmp_path, no_md5):
     assert resumed.exit_code == 0, resumed.output
     assert "resumed from" in resumed.output
     assert [m["epoch"] for m in _metrics(run)] == [1, 2]
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_2"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "epoch_2"]
     a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(run / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a), "resume must continue exactly"
@@ -93,6 +93,37 @@ def test_finetune_errors(tmp_path):
     assert r.exit_code == 2 and "unknown recipe key 'train.epochz'" in r.stderr
     r = runner.invoke(app, ["finetune", str(path), "--resume", str(tmp_path / "nowhere")])
     assert r.exit_code == 2 and "not a run directory" in r.stderr
+
+
+def test_killed_mid_epoch_resumes_exactly(tmp_path, no_md5):
+    """SIGKILL a run right after its first mid-epoch checkpoint; the resumed run ends with the
+    weights of an uninterrupted one."""
+    import signal
+    import time
+    write_cifar10(tmp_path / "data", n_train=200, n_test=10)
+    path = recipe(tmp_path, "cifar10", epochs=1, checkpoint_every_steps=5, keep_checkpoints=2)
+    straight = runner.invoke(app, ["finetune", str(path), "--set", f"train.output_dir={tmp_path / 'straight'}"])
+    assert straight.exit_code == 0, straight.output
+    run = tmp_path / "run"
+    # same thread count as this process: float sums must add up in the same order
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([sys.executable, "-c",
+                             "import torchvision.datasets.cifar as c; c.check_integrity = lambda *a, **k: True; "
+                             "import sys; sys.argv = ['sdsurgery', 'finetune', sys.argv[1]]; "
+                             "from cli.main import main; main()", str(path)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoints" / "epoch_0_step_5").is_dir() and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "checkpoints" / "epoch_0_step_5").is_dir()
+    assert not (run / "model.safetensors").exists(), "killed too late to test anything"
+    resumed = runner.invoke(app, ["finetune", str(path), "--resume", str(run)])
+    assert resumed.exit_code == 0, resumed.output
+    assert "steps into the next" in resumed.output
+    a, b = load_file(str(tmp_path / "straight" / "model.safetensors")), load_file(str(run / "model.safetensors"))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
 def _torchrun_recipe(tmp_path, name, batch_size):
