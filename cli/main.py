@@ -313,7 +313,9 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     if json_out is not None:
-        json_out.write_text(json.dumps(result.to_dict(), indent=2))
+        tmp = json_out.with_name(f".{json_out.name}.tmp")
+        tmp.write_text(json.dumps(result.to_dict(), indent=2))
+        tmp.replace(json_out)  # never a truncated file
         console.print(f"wrote {json_out}", markup=False)
 
 

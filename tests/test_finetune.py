@@ -82,7 +82,32 @@ def test_finetune_svhn(tmp_path, no_md5):
     r = runner.invoke(app, ["finetune", str(recipe(tmp_path, "svhn")), "--set", "train.epochs=1",
                             "--set", "stochastic_depth.mode=sample"])
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "run" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "epoch_1").is_dir()
+    resumed = runner.invoke(app, ["finetune", str(tmp_path / "svhn.yaml"), "--resume", str(tmp_path / "run"),
+                                  "--set", "train.epochs=2", "--set", "stochastic_depth.mode=sample"])
+    assert resumed.exit_code == 0 and "resumed from" in resumed.output, resumed.output
+    assert [m["epoch"] for m in _metrics(tmp_path / "run")] == [1, 2]
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    ev = runner.invoke(app, ["eval", str(tmp_path / "run" / "model.safetensors"), "--dataset", "svhn",
+                             "--data-dir", str(tmp_path / "data"), "--image-size", "8"])
+    assert ev.exit_code == 0 and f"top-1 {result['folded']['top1']:.2f}%" in ev.output, ev.output
+
+
+def test_imagefolder(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog", "owl"):
+            d = tmp_path / "data" / split / cls
+            d.mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (12, 10, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    path = recipe(tmp_path, "imagefolder", epochs=1)
+    r = runner.invoke(app, ["finetune", str(path)])
+    assert r.exit_code == 0, r.output
+    meta = sdsurgery.read_metadata(tmp_path / "run" / "model.safetensors")
+    assert meta["model"]["num_classes"] == 3
 
 
 def test_finetune_errors(tmp_path):
