@@ -394,11 +394,17 @@ def _has_params(node: fx.Node, block: nn.Module) -> bool:
 def _compile(graph: fx.Graph, label: str) -> Callable:
     """Generated Python for ``graph`` as a function ``forward(self, *inputs)``."""
     code = graph.python_code(root_module="self")
+    src, namespace = code.src, dict(code.globals)
+    info = getattr(graph._codegen, "pytree_info", None)
+    if info is not None:
+        # Blocks called with tuples / dicts get pytree-flattening code that reads the specs from
+        # a GraphModule's attributes; hand them to the function instead (the block has none).
+        src = src.replace("self._in_spec", "_sd_in_spec").replace("self._out_spec", "_sd_out_spec")
+        namespace["_sd_in_spec"], namespace["_sd_out_spec"] = info.in_spec, info.out_spec
     key = f"<sdsurgery {label} {uuid.uuid4().hex[:8]}>"
     # Registered with linecache so tracebacks, inspect and torch.compile see the source.
-    linecache.cache[key] = (len(code.src), None, code.src.splitlines(True), key)
-    namespace = dict(code.globals)
-    exec(compile(code.src, key, "exec"), namespace)
+    linecache.cache[key] = (len(src), None, src.splitlines(True), key)
+    exec(compile(src, key, "exec"), namespace)
     return namespace["forward"]
 
 

@@ -287,3 +287,35 @@ def test_sample_mode_falls_back_to_masking_when_the_branch_reads_batch_sizes():
     assert 0 < keep.sum() < 10
     assert torch.allclose(out[keep], full[keep], atol=1e-6)
     assert torch.allclose(out[~keep], x[~keep])
+
+
+class _SizedBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x, size):
+        h, w = size
+        return x + self.fc(x.reshape(x.shape[0], h * w, 4)).reshape(x.shape)
+
+
+class _PassesTuples(nn.Module):
+    """A block called with a tuple of traced sizes (timm CoaT does this): fx flattens it with
+    pytree code that reads specs a GraphModule would hold."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = _SizedBlock()
+
+    def forward(self, x):  # (N, H, W, 4)
+        return self.block(x, (x.shape[1], x.shape[2]))
+
+
+def test_blocks_called_with_tuples_are_gated():
+    model = _PassesTuples().eval()
+    x = torch.randn(2, 3, 5, 4)
+    converted = sdsurgery.convert(model, scaling="inverted").eval()
+    assert len(sdsurgery.gates(converted)) == 1
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))
+        assert converted.train()(x).shape == x.shape
