@@ -300,15 +300,15 @@ class _SizedBlock(nn.Module):
 
 
 class _PassesTuples(nn.Module):
-    """A block called with a tuple of traced sizes (timm CoaT does this): fx flattens it with
-    pytree code that reads specs a GraphModule would hold."""
+    """A block called with a constant tuple (timm CoaT passes its grid size): traced with that
+    tuple as a concrete argument, fx emits pytree code reading specs a GraphModule would hold."""
 
     def __init__(self):
         super().__init__()
         self.block = _SizedBlock()
 
     def forward(self, x):  # (N, H, W, 4)
-        return self.block(x, (x.shape[1], x.shape[2]))
+        return self.block(x, (3, 5))
 
 
 def test_blocks_called_with_tuples_are_gated():
