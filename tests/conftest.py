@@ -23,3 +23,20 @@ def built(case) -> torch.nn.Module:
 @pytest.fixture(params=CASES, ids=[c.id for c in CASES])
 def case(request):
     return request.param
+
+
+def pytest_addoption(parser):
+    parser.addoption("--zoo", action="store_true", help="run the whole-zoo coverage run (slow)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "zoo: the whole-zoo coverage run (needs --zoo)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--zoo"):
+        return
+    skip = pytest.mark.skip(reason="the whole-zoo run needs --zoo")
+    for item in items:
+        if "zoo" in item.keywords:
+            item.add_marker(skip)
