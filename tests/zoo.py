@@ -42,7 +42,6 @@ def oracle(name: str, x: torch.Tensor, **kwargs) -> tuple[int, set[str]]:
     for module in list(model.modules()):
         for attr in [a for a in vars(module) if SLOT.match(a) and getattr(module, a) is None]:
             setattr(module, attr, _CountingSlot())
-    names = {m: n for n, m in model.named_modules()}
     calls, owners = [0], set()
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
@@ -53,7 +52,6 @@ def oracle(name: str, x: torch.Tensor, **kwargs) -> tuple[int, set[str]]:
                 child.register_forward_hook(hook)
     with torch.no_grad():
         model(x)
-    del names
     return calls[0], owners
 
 
