@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import builtins
 import operator
-from typing import Iterable
-
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -209,18 +207,3 @@ def shortcut_role(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
             return "projection"
         return None
     return None
-
-
-def module_has_params(m: nn.Module) -> bool:
-    return any(True for _ in m.parameters())
-
-
-def param_count(modules: Iterable[nn.Module]) -> int:
-    seen: set[int] = set()
-    total = 0
-    for m in modules:
-        for p in m.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-    return total

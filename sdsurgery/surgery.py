@@ -33,13 +33,13 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import NoResidualsError, TraceError
+from .errors import NoResidualsError
 from .gates import (CONTROLLER_ATTR, MODES, SCALINGS, GateController, StochasticDepthGate,
                     controller_of, installed_gates)
 from .ops import get_attr, is_add_call, value_kinds
-from .residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_getitems, iter_bits,
+from .residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_getitems, iter_bits, owner_of,
                         redirect_inplace_adds, require_residuals, select)
-from .schedules import Schedule, check_rate, spread
+from .schedules import Schedule, check_rate
 from .tracing import FlatTrace, LeafSpec, trace_block
 
 _DEFAULT_SEED_SALT = 0x5D5D
@@ -170,7 +170,6 @@ def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], prob
     for r in chosen:
         by_owner.setdefault(r.owner, []).append(r)
     add_counts: dict[str, int] = {}
-    from .residuals import owner_of
     for n in ft.graph.nodes:
         if is_add_call(n):
             add_counts[owner_of(n)] = add_counts.get(owner_of(n), 0) + 1

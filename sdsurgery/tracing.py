@@ -20,7 +20,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 

@@ -3,7 +3,6 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 
 import sdsurgery.data as data
 from sdsurgery.data import DataError, load_datasets

@@ -53,7 +53,7 @@ def test_zoo_table(request):
         finally:
             signal.alarm(0)
     ok = sum(r.status == "ok" for r in rows)
-    lines = [f"# Coverage: timm families against their drop-path slots", "",
+    lines = ["# Coverage: timm families against their drop-path slots", "",
              f"{datetime.date.today()}, torch {torch.__version__}, timm {timm.__version__}, "
              f"torchvision {torchvision.__version__}; `make install && .venv/bin/python -m pytest --zoo -m zoo tests/test_zoo.py`", "",
              f"{ok} of {len(rows)} families exact.", "",
