@@ -94,19 +94,20 @@ def create_model(spec: str, *, pretrained: bool = True, num_classes: int | None 
     if weights is not None:
         pretrained = False
     source, name = _split(spec)
+    if source is None:
+        source = _resolve_bare(name)
+        spec = f"{source}:{name}"
     if source == "sdsurgery":
         model = _build_registered(name, num_classes, kwargs)
     elif source in ("timm", "hf-hub"):
         model = _build_timm(name if source == "timm" else spec, pretrained, num_classes, kwargs)
     elif source == "torchvision":
         model = _build_torchvision(name, pretrained, num_classes, kwargs)
-    elif source == "factory":
-        model = _build_factory(spec, num_classes, kwargs)
     else:
-        model = _build_bare(spec, pretrained, num_classes, kwargs)
+        model = _build_factory(spec, num_classes, kwargs)
     if weights is not None:
         load_weights(model, weights)
-    model.__dict__[SOURCE_ATTR] = ModelSource(spec=_canonical(spec, source), num_classes=num_classes,
+    model.__dict__[SOURCE_ATTR] = ModelSource(spec=spec, num_classes=num_classes,
                                               kwargs=dict(kwargs))
     return model
 
@@ -124,26 +125,16 @@ def _split(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
-def _canonical(spec: str, source: str | None) -> str:
-    if source is not None:
-        return spec
-    if spec in _REGISTRY:
-        return f"sdsurgery:{spec}"
-    import timm
-    if timm.is_model(spec):
-        return f"timm:{spec}"
-    return f"torchvision:{spec}"
-
-
-def _build_bare(name: str, pretrained: bool, num_classes: int | None, kwargs: dict) -> nn.Module:
+def _resolve_bare(name: str) -> str:
+    """The source a bare name comes from: sdsurgery's registry, then timm, then torchvision."""
     import timm
     import torchvision
     if name in _REGISTRY:
-        return _build_registered(name, num_classes, kwargs)
+        return "sdsurgery"
     if timm.is_model(name):
-        return _build_timm(name, pretrained, num_classes, kwargs)
+        return "timm"
     if name in torchvision.models.list_models(module=torchvision.models):
-        return _build_torchvision(name, pretrained, num_classes, kwargs)
+        return "torchvision"
     raise ModelSourceError(f"unknown model {name!r}{_suggest(name)}; "
                            f"`sdsurgery models PATTERN` lists the names")
 

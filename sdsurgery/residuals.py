@@ -92,6 +92,7 @@ class Analysis:
     residuals: list[Residual]
     rejected: list[RejectedAdd]
     trace: FlatTrace = field(repr=False)
+    add_counts: dict[str, int] = field(default_factory=dict, repr=False)  # add calls per owner
 
 
 def find_residuals(model: nn.Module, *, leaf_modules: LeafSpec = ()) -> list[Residual]:
@@ -325,7 +326,8 @@ class _Analyser:
                 fold_blocker=plan.blocker,
                 drop_modules=tuple(m for m in branch_modules if is_drop_module(self.modules[m])),
                 add_position=owner_adds[owner].index(n), branch_operand=r["branch_operand"]))
-        return Analysis(residuals=residuals, rejected=rejected, trace=self.ft)
+        return Analysis(residuals=residuals, rejected=rejected, trace=self.ft,
+                        add_counts={o: len(ns) for o, ns in owner_adds.items()})
 
 
 def _name(owner: str, branch_modules: tuple[str, ...], modules: dict[str, nn.Module],

@@ -37,7 +37,7 @@ from .errors import NoResidualsError
 from .gates import (CONTROLLER_ATTR, MODES, SCALINGS, GateController, StochasticDepthGate,
                     controller_of, installed_gates)
 from .ops import get_attr, is_add_call, value_kinds
-from .residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_getitems, iter_bits, owner_of,
+from .residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_getitems, iter_bits,
                         redirect_inplace_adds, require_residuals, select)
 from .schedules import Schedule, check_rate
 from .tracing import FlatTrace, LeafSpec, trace_block
@@ -169,15 +169,11 @@ def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], prob
     by_owner: dict[str, list[Residual]] = {}
     for r in chosen:
         by_owner.setdefault(r.owner, []).append(r)
-    add_counts: dict[str, int] = {}
-    for n in ft.graph.nodes:
-        if is_add_call(n):
-            add_counts[owner_of(n)] = add_counts.get(owner_of(n), 0) + 1
     programs, skipped = [], []
     cache: dict[Any, _Rewrite] = {}
     for owner, rs in by_owner.items():
         try:
-            programs.append(_program(target, owner, rs, probs, ctrl, ft, add_counts.get(owner, 0),
+            programs.append(_program(target, owner, rs, probs, ctrl, ft, analysis.add_counts.get(owner, 0),
                                      cache))
         except _Skip as e:
             skipped.extend((r.name, f"block '{owner}' not rewritten: {e}") for r in rs)

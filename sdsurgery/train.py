@@ -168,7 +168,7 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     from . import checkpoint as ckpt
     from .data import SeededAugmentation, load_datasets, num_classes_of
     from .fold import fold
-    from .models import create_model, source_of
+    from .models import create_model
     from .surgery import controller, convert, set_drop_rate
 
     t = recipe.train
@@ -204,7 +204,6 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     splits = load_datasets(d.dataset, d.data_dir, download=d.download, image_size=d.image_size,
                            val_split=d.val_split, seed=t.seed, mean=mean, std=std,
                            augment=d.augment, train_split=d.train_split)
-    spec = source_of(model)
     sd = recipe.stochastic_depth
     if sd.enabled:
         start_rate = 0.0 if sd.warmup_epochs > 0 else sd.drop_rate
@@ -316,13 +315,12 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     final = raw
     if sd.enabled:
         final = fold(raw)
-    final.__dict__["_sdsurgery_source"] = spec
     folded_metrics = evaluate(accelerator.prepare_model(final, evaluation_mode=True), test_loader,
                               accelerator) if sd.enabled else gated
+    result = TrainResult(run_dir=str(run_dir), epochs=t.epochs, train_seconds=train_seconds,
+                         gated=gated, folded=folded_metrics, model_path=str(model_path))
     if main:
         ckpt.save(final.to("cpu") if sd.enabled else final, model_path)
-        result = TrainResult(run_dir=str(run_dir), epochs=t.epochs, train_seconds=train_seconds,
-                             gated=gated, folded=folded_metrics, model_path=str(model_path))
         (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
     accelerator.wait_for_everyone()
     if t.require_top1 is not None:
@@ -331,5 +329,4 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
             raise SurgeryError(f"test top-1 {worst:.2f}% (gated {gated['top1']:.2f}%, folded "
                                f"{folded_metrics['top1']:.2f}%) is below the recipe's "
                                f"train.require_top1 = {t.require_top1}")
-    return TrainResult(run_dir=str(run_dir), epochs=t.epochs, train_seconds=train_seconds,
-                       gated=gated, folded=folded_metrics, model_path=str(model_path))
+    return result
