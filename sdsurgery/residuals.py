@@ -144,6 +144,15 @@ def owner_of(node: fx.Node) -> str:
     return list(stack.values())[-1][0]
 
 
+def _in_scope(node: fx.Node, owner: str) -> bool:
+    """``node`` was created by the forward of ``owner`` or of one of its submodules (any frame
+    of the module stack counts: a module shared between blocks is named by its first path)."""
+    if not owner:
+        return True
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(path == owner or path.startswith(owner + ".") for path, _ in stack.values())
+
+
 def redirect_inplace_adds(graph: fx.Graph) -> None:
     """Make ``y.add_(s)`` visible as a value: later users of ``y`` read the add's result.
 
@@ -171,14 +180,16 @@ def drop_dead_getitems(graph: fx.Graph) -> None:
             graph.erase_node(node)
 
 
-def ancestor_masks(nodes: list[fx.Node]) -> dict[fx.Node, int]:
-    """For each node, a bitmask (bit i = nodes[i]) of itself and all its ancestors."""
+def ancestor_masks(nodes: list[fx.Node], follow=None) -> dict[fx.Node, int]:
+    """For each node, a bitmask (bit i = nodes[i]) of itself and all its ancestors (through the
+    inputs ``follow`` accepts, all by default)."""
     index = {n: i for i, n in enumerate(nodes)}
     masks: dict[fx.Node, int] = {}
     for n in nodes:
         m = 1 << index[n]
         for i in n.all_input_nodes:
-            m |= masks[i]
+            if follow is None or follow(i):
+                m |= masks[i]
         masks[n] = m
     return masks
 
@@ -214,8 +225,12 @@ class _Analyser:
         for n in self.nodes:
             if n.op == "placeholder":
                 placeholders |= 1 << self.index[n]
+        # tanc: ancestry through tensor values only. A branch that reads the fork only through
+        # its shape (a position embedding sized like x) does not descend from it.
+        self.tanc = ancestor_masks(self.nodes, lambda i: self.kinds.get(i) == "tensor")
         # data[n]: n depends on a model input (as opposed to parameters and constants)
         self.data = {n: bool(self.anc[n] & placeholders) for n in self.nodes}
+        self.tdata = {n: bool(self.tanc[n] & placeholders) for n in self.nodes}
         self.modules = ft.modules
 
     # -- the chain from the fork to the shortcut operand
@@ -255,8 +270,8 @@ class _Analyser:
                     total += p.numel()
         return total
 
-    def _try(self, s: fx.Node, f: fx.Node):
-        common = self.anc[s] & self.anc[f]
+    def _try(self, s: fx.Node, f: fx.Node, owner: str):
+        common = self.tanc[s] & self.tanc[f]
         if not common:
             return None, "the operands share no input (e.g. a position embedding)"
         fork = self.nodes[common.bit_length() - 1]
@@ -271,8 +286,82 @@ class _Analyser:
         params = self._branch_params(branch)
         if params == 0:
             return None, "the branch side has no parameters"
+        why = self._not_a_block(fork, chain, f, branch, owner)
+        if why:
+            return None, why
         kind = "identity" if all(role == "identity" for _, role in chain) else "projection"
         return dict(s=s, f=f, fork=fork, chain=chain, branch=branch, params=params, kind=kind), None
+
+    def _not_a_block(self, fork: fx.Node, chain, f: fx.Node, branch: list[fx.Node],
+                     owner: str) -> str | None:
+        """Adds shaped like ``shortcut + branch`` that are not a block around a residual."""
+        # x + dwconv(x), conv1x1(x) + conv3x3(x): one linear map written as a sum (conv position
+        # encodings, RepVGG's training-time branches, two heads). Dropping a part of it is not
+        # stochastic depth. (x + linear(x) with a full linear layer stays a residual.)
+        branch_chain, why = self._shortcut_chain(f, fork)
+        if why is None:
+            mixing = [n for n, role in branch_chain if role == "mixing"]
+            if any(role == "mixing" for _, role in chain):
+                return ("both sides are linear maps of one tensor (a re-parameterisable multi-branch "
+                        "conv, e.g. RepVGG, or two heads): not a block")
+            if not mixing or all(self._depthwise(n) for n in mixing):
+                return ("the branch is a depthwise conv and norms only: a conv position encoding "
+                        "(x + dwconv(x) is one conv), not a block")
+        # split-and-sum (Res2Net, EdgeNeXt): the shortcut takes one part of the fork, the
+        # branch computed another part.
+        first = chain[-1][0] if chain else None
+        in_branch = set(branch)
+        if first is not None and first.op == "call_function" and first.target is operator.getitem:
+            reads, todo = [], [u for u in fork.users if u in in_branch]
+            while todo:  # look through dropout / contiguous / identity modules
+                u = todo.pop()
+                if self.kinds[u] != "tensor":
+                    continue
+                if shortcut_role(u, self.modules) == "identity":
+                    todo.extend(w for w in u.users if w in in_branch)
+                else:
+                    reads.append(u)
+            if not any(u.op != "call_function" or u.target is not operator.getitem
+                       or u.args[1:] == first.args[1:] for u in reads):
+                return ("the shortcut and the branch read different parts of one tensor "
+                        "(a split-and-sum, e.g. Res2Net), not a block")
+        # q + attn(q, k, v): the block computed the fork itself, and the branch also reads what
+        # the fork was computed from, so the add sits inside a larger computation (residual
+        # pooling in attention), not around a block. Side inputs from outside the block (an
+        # attention mask passed to every block) are fine.
+        before = self._computed_from_in_scope(fork, owner) if owner else set()
+        for n in branch:
+            if self.kinds[n] != "tensor":  # sizes read from anywhere are fine
+                continue
+            for i in n.all_input_nodes:
+                if i in before and i not in in_branch and self.tdata[i]:
+                    return (f"the branch also reads {describe(i)}, from which the shortcut was "
+                            f"computed: an add inside a larger computation, not around a block")
+        return None
+
+    def _depthwise(self, n: fx.Node) -> bool:
+        m = self.modules.get(n.target) if n.op == "call_module" else None
+        if isinstance(m, nn.Sequential):
+            m = next((c for c in m if isinstance(c, nn.modules.conv._ConvNd)), None)
+        return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
+
+    def _computed_from_in_scope(self, fork: fx.Node, owner: str) -> set[fx.Node]:
+        """Tensors the owner's forward computed ``fork`` from (its own inputs included)."""
+        def in_scope(n: fx.Node) -> bool:
+            return _in_scope(n, owner)
+
+        out: set[fx.Node] = set()
+        if not in_scope(fork) or fork.op == "placeholder":
+            return out
+        todo = [i for i in fork.all_input_nodes if self.kinds[i] == "tensor"]
+        while todo:
+            n = todo.pop()
+            if n in out:
+                continue
+            out.add(n)
+            if in_scope(n) and n.op != "placeholder":
+                todo.extend(i for i in n.all_input_nodes if self.kinds[i] == "tensor")
+        return out
 
     def run(self) -> Analysis:
         from .fold import fold_plan  # fold analysis reads the same flat graph
@@ -290,7 +379,7 @@ class _Analyser:
             a, b = ops
             options, reasons = [], []
             for s, f, branch_operand in ((b, a, 0), (a, b, 1)):
-                res, why = self._try(s, f)
+                res, why = self._try(s, f, owner_of(n))
                 if res is None:
                     reasons.append(why)
                 else:

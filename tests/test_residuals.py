@@ -161,3 +161,145 @@ def test_no_residuals_is_an_error():
 def test_unknown_leaf_name_is_a_value_error():
     with pytest.raises(ValueError, match="leaf_modules: no submodule named 'nope'"):
         sdsurgery.find_residuals(CustomNet(), leaf_modules=["nope"])
+
+
+# ---- adds shaped like a residual that are not a block around one (issue 5: match timm's slots)
+class _Mlp(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, 2 * c), nn.Linear(2 * c, c)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class _ConvPosEncBlock(nn.Module):
+    """CPE (CoaT, DaViT, Twins) before a real residual; plus x + linear(x), which stays one."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.cpe = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.mlp = _Mlp(c)
+        self.lin = nn.Linear(c, c)
+
+    def forward(self, x):
+        x = x + self.cpe(x)
+        t = x.flatten(2).transpose(1, 2)
+        t = t + self.mlp(t)
+        return t + self.lin(t)
+
+
+class _RepBranches(nn.Module):
+    """RepVGG's training-time form: two linear convs of one input summed, then the identity."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.k3 = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.k1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+        self.identity = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(self.k1(x) + self.k3(x) + self.identity(x))
+
+
+class _SplitSum(nn.Module):
+    """Res2Net's hierarchical split: sp = conv(sp + split[i]) is not a residual."""
+
+    def __init__(self, c=8, scale=4):
+        super().__init__()
+        self.w = c // scale
+        self.convs = nn.ModuleList(nn.Conv2d(self.w, self.w, 3, padding=1) for _ in range(scale - 1))
+
+    def forward(self, x):
+        parts = torch.split(x, self.w, 1)
+        out, sp = [], None
+        for i, conv in enumerate(self.convs):
+            sp = parts[i] if i == 0 else sp + parts[i]
+            sp = torch.relu(conv(sp))
+            out.append(sp)
+        return torch.cat(out + [parts[-1]], 1)
+
+
+class _SizedPosEmbed(nn.Module):
+    """A position embedding computed from the input's size only (XCiT, Hiera)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.proj = nn.Linear(2, c)
+
+    def forward(self, x):
+        n = x.shape[1]
+        grid = torch.arange(n, dtype=x.dtype, device=x.device)
+        return x + self.proj(torch.stack([grid, grid * 0.5], -1))
+
+
+class _PoolingAttention(nn.Module):
+    """MViTv2's attention: x = attn @ v + q inside the attention, around no block."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(c, 3 * c), nn.Linear(c, c)
+        self.norm_q, self.norm_k = nn.LayerNorm(c), nn.LayerNorm(c)
+
+    def forward(self, x, mask):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k = self.norm_q(q), self.norm_k(k)
+        attn = (q @ k.transpose(-2, -1) * mask).softmax(-1)
+        return self.proj(attn @ v + q)
+
+
+class _MaskedBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.attn = _PoolingAttention(c)
+
+    def forward(self, x, mask):
+        return x + self.attn(x, mask)
+
+
+class _MaskedBlocks(nn.Module):
+    """Blocks that all read a side input (an attention mask) computed from the model's input."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.blocks = nn.ModuleList(_MaskedBlock(c) for _ in range(2))
+
+    def forward(self, x):
+        mask = torch.sigmoid(x.mean(-1, keepdim=True))
+        for b in self.blocks:
+            x = b(x, mask)
+        return x
+
+
+@pytest.mark.parametrize("model, inp, expected, reason", [
+    (_ConvPosEncBlock(), (1, 8, 4, 4), 2, "conv position encoding"),
+    (_RepBranches(), (1, 8, 4, 4), 1, "multi-branch conv"),
+    (_SplitSum(), (1, 8, 4, 4), 0, "split-and-sum"),
+    (_SizedPosEmbed(), (1, 5, 8), 0, "share no input"),
+    (_MaskedBlocks(), (1, 5, 8), 2, "inside a larger computation"),
+])
+def test_residual_shaped_adds_that_are_not_blocks(model, inp, expected, reason):
+    model.eval()
+    an = sdsurgery.analyse(model)
+    assert len(an.residuals) == expected, an.residuals
+    assert any(reason in r.reason for r in an.rejected), an.rejected
+    if expected:  # the blocks that are found still gate and fold
+        x = torch.randn(*inp)
+        conv = sdsurgery.convert(model, drop_rate=0.5, seed=0).eval()
+        with torch.no_grad():
+            ref = conv(x)
+            assert torch.allclose(sdsurgery.fold(conv, keep_scale=True)(x), ref, atol=1e-5)
+
+
+def test_side_input_blocks_are_the_two_root_adds():
+    assert [r.owner for r in sdsurgery.find_residuals(_MaskedBlocks().eval())] == ["blocks.0", "blocks.1"]
+
+
+def test_repvgg_sum_keeps_the_block_residual():
+    r, = sdsurgery.find_residuals(_RepBranches().eval())
+    assert r.shortcut_modules == ("identity",) and {"k1.0", "k3.0"} <= set(r.modules)
+
+
+def test_full_linear_branch_is_still_a_residual():
+    names = [r.name for r in sdsurgery.find_residuals(_ConvPosEncBlock().eval())]
+    assert names == ["mlp", "lin"]

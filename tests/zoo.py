@@ -75,10 +75,7 @@ def check(family: str, name: str, tolerance: float = 1e-4) -> ZooRow:
     x = torch.randn(2, *size)
     expected, slot_owners = oracle(name, x)
     model = timm.create_model(name, pretrained=False, drop_path_rate=0.1).eval()
-    for p in model.parameters():  # layer scales start at 1e-6 and heads at 0: make branches count
-        if p.dim() <= 1:
-            with torch.no_grad():
-                p.uniform_(0.5, 1.5)
+    _randomize(model)
     residuals = sdsurgery.find_residuals(model)
     row = ZooRow(family, name, len(residuals), expected, sum(r.fold_target is not None for r in residuals),
                  "ok", "", 0.0)
@@ -87,19 +84,116 @@ def check(family: str, name: str, tolerance: float = 1e-4) -> ZooRow:
     elif {r.owner for r in residuals} != slot_owners:
         row.status, row.reason = "owners", "the residuals found are not the slotted blocks"
     else:
-        converted = sdsurgery.convert(model, drop_rate=0.9, schedule="uniform", seed=0)
-        converted.train()
-        out = converted(x)
-        (out[0] if isinstance(out, (tuple, list)) else out).float().mean().backward()
-        converted.eval()
-        folded = sdsurgery.fold(converted, keep_scale=True).eval()
-        with torch.no_grad():
-            a, b = converted(x), folded(x)
-        rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
-        if rel > tolerance:
-            row.status, row.reason = "fold", f"folded differs by {rel:.1e}"
+        _step_and_fold(model, x, row, tolerance)
     row.seconds = time.perf_counter() - t0
     return row
+
+
+# ------------------------------------------------------------------------------ torchvision
+# torchvision's residual blocks, as its model code documents them: residual branches per call.
+# Blocks with a ``stochastic_depth`` slot (EfficientNet MBConv/FusedMBConv, ConvNeXt CNBlock,
+# Swin blocks, MaxViT MBConv and partition-attention layers; ``stochastic_dropout`` there) are
+# counted by slot calls instead,
+# as for timm: only blocks with a skip call theirs.
+TV_BLOCKS = {
+    "BasicBlock": lambda m: 1, "Bottleneck": lambda m: 1,          # resnet, resnext, wide_resnet
+    "ResBottleneckBlock": lambda m: 1,                              # regnet
+    # mobilenet_v2, mobilenet_v3; shufflenet_v2's InvertedResidual concatenates (no attribute)
+    "InvertedResidual": lambda m: int(getattr(m, "use_res_connect", False)),
+    "_InvertedResidual": lambda m: int(m.apply_residual),           # mnasnet
+    "EncoderBlock": lambda m: 2,                                    # vit: attention + MLP
+}
+TV_SLOT = re.compile(r"^stochastic_(depth|dropout)$")  # maxvit's attention layers: "dropout"
+TV_INPUT = {"vit": 224, "maxvit": 224, "swin": 64, "inception": 96}
+
+
+def tv_input(name: str) -> torch.Tensor:
+    size = next((s for prefix, s in TV_INPUT.items() if name.startswith(prefix)), 64)
+    return torch.randn(2, 3, size, size)
+
+
+def tv_oracle(model: nn.Module, x: torch.Tensor) -> tuple[int, set[str]]:
+    """Residual branches of a torchvision model in one eval forward pass (see TV_BLOCKS), and
+    the blocks that own them."""
+    calls, owners = [0], set()
+    handles = []
+    for parent_name, parent in model.named_modules():
+        n = TV_BLOCKS.get(type(parent).__name__)
+        if n is not None:
+            def block_hook(module, *_, owner=parent_name, n=n):
+                if n(module):
+                    calls[0] += n(module)
+                    owners.add(owner)
+            handles.append(parent.register_forward_hook(block_hook))
+        for child_name, slot in parent.named_children():
+            if TV_SLOT.match(child_name):
+                def slot_hook(*_, owner=parent_name):
+                    calls[0] += 1
+                    owners.add(owner)
+                handles.append(slot.register_forward_hook(slot_hook))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    return calls[0], owners
+
+
+def check_torchvision(name: str, tolerance: float = 1e-4) -> ZooRow:
+    """One torchvision classification model: count and owners against :func:`tv_oracle`; a model
+    with no residual block must raise NoResidualsError; then a block-mode step and fold."""
+    import torchvision
+
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None).eval()
+    x = tv_input(name)
+    expected, owners = tv_oracle(model, x)
+    _randomize(model)
+    residuals = sdsurgery.find_residuals(model)
+    row = ZooRow("torchvision", name, len(residuals), expected,
+                 sum(r.fold_target is not None for r in residuals), "ok", "", 0.0)
+    if expected == 0:
+        try:
+            sdsurgery.convert(model)
+            row.status, row.reason = "count", "converted a model with no residual block"
+        except sdsurgery.NoResidualsError:
+            pass
+    elif len(residuals) != expected:
+        row.status, row.reason = "count", f"found {len(residuals)}, the architecture has {expected}"
+    elif {r.owner for r in residuals} != owners:
+        row.status, row.reason = "owners", "the residuals found are not the architecture's blocks"
+    else:
+        _step_and_fold(model, x, row, tolerance)
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def _randomize(model: nn.Module) -> None:
+    """Layer scales start at 1e-6 and heads at 0: make every branch count in the outputs."""
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_var is not None:
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    for p in model.parameters():
+        if p.dim() <= 1:
+            with torch.no_grad():
+                p.uniform_(0.5, 1.5)
+
+
+def _step_and_fold(model: nn.Module, x: torch.Tensor, row: ZooRow, tolerance: float) -> None:
+    converted = sdsurgery.convert(model, drop_rate=0.9, schedule="uniform", seed=0)
+    converted.train()
+    out = converted(x)
+    (out[0] if isinstance(out, (tuple, list)) else out).float().mean().backward()
+    converted.eval()
+    folded = sdsurgery.fold(converted, keep_scale=True).eval()
+    with torch.no_grad():
+        a, b = converted(x), folded(x)
+    a = a[0] if isinstance(a, (tuple, list)) else a
+    b = b[0] if isinstance(b, (tuple, list)) else b
+    rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+    if rel > tolerance:
+        row.status, row.reason = "fold", f"folded differs by {rel:.1e}"
 
 
 def families() -> dict[str, str]:
