@@ -124,11 +124,13 @@ _PROJECTION_FUNCTIONS = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.pad, F.interpolate,
     F.batch_norm, F.layer_norm, F.group_norm, F.conv1d, F.conv2d, F.conv3d, F.linear,
     operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose,
+    torch.amax, torch.mean,
 }
 _MIXING_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear}
 _IDENTITY_METHODS = {"contiguous", "clone", "to", "type_as", "float", "half", "bfloat16"}
 _PROJECTION_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unsqueeze",
-                       "squeeze", "expand", "repeat"}
+                       "squeeze", "expand", "repeat",
+                       "amax", "mean"}  # pooling written as a reduction (Hiera: view(...).amax(1))
 
 
 def extra_identity_modules() -> tuple[type, ...]:

@@ -18,17 +18,17 @@ from __future__ import annotations
 
 import fnmatch
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import NoResidualsError
+from .errors import NoResidualsError, TraceError
 from .ops import (add_operands, is_add_call, is_drop_module, is_inplace_add, get_attr,
                   shortcut_role, value_kinds)
-from .tracing import FlatTrace, LeafSpec, trace_model
+from .tracing import FlatTrace, LeafSpec, is_auto_leaf, resolve_leaves, trace_model
 
 _MAX_SHORTCUT_OPS = 8
 
@@ -93,6 +93,7 @@ class Analysis:
     rejected: list[RejectedAdd]
     trace: FlatTrace = field(repr=False)
     add_counts: dict[str, int] = field(default_factory=dict, repr=False)  # add calls per owner
+    order: list[int] = field(default_factory=list, repr=False)  # graph position of each residual
 
 
 def find_residuals(model: nn.Module, *, leaf_modules: LeafSpec = ()) -> list[Residual]:
@@ -117,7 +118,76 @@ def analyse(model: nn.Module, *, leaf_modules: LeafSpec = ()) -> Analysis:
         raise ValueError("the model is already converted (it carries stochastic-depth gates); "
                          "call sdsurgery.fold(model) first, or use sdsurgery.gates(model)")
     ft = trace_model(model, leaf_modules)
-    return _Analyser(ft).run()
+    analysis = _Analyser(ft).run()
+    _search_leaves(analysis, leaf_modules)
+    return analysis
+
+
+def _search_leaves(analysis: Analysis, leaf_modules: LeafSpec) -> None:
+    """Residuals inside modules timm registers as not traceable (NormFreeBlock, MobileVitBlock,
+    ...): trace each such leaf on its own, as it was called, and lift what it holds into
+    ``analysis``. A leaf whose own forward cannot be traced (it branches on tensor sizes) is
+    searched through its children; what stays unsearched is said in ``analysis.rejected``."""
+    ft = analysis.trace
+    user_types, user_ids = resolve_leaves(ft.root, leaf_modules)
+    user_leaves = list(user_types) + [m for m in ft.modules.values() if id(m) in user_ids]
+    found: list[tuple[int, Residual]] = list(zip(analysis.order, analysis.residuals))
+    for pos, node in enumerate(ft.graph.nodes):
+        if node.op != "call_module":
+            continue
+        path, leaf = node.target, ft.modules[node.target]
+        if id(leaf) in user_ids or isinstance(leaf, user_types) or not is_auto_leaf(leaf):
+            continue
+        calls = ft.calls.get(path, [])
+        concrete = calls[0].concrete_args(leaf) if len(calls) == 1 else None
+        _search_module(analysis, path, leaf, concrete, user_leaves, pos, found)
+    found.sort(key=lambda kr: kr[0])  # depth order: leaves sit where they are called
+    analysis.residuals = [replace(r, index=i) for i, (_, r) in enumerate(found)]
+    analysis.order = [k for k, _ in found]
+
+
+def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: dict | None,
+                   user_leaves: list, pos: int, found: list[tuple[int, Residual]]) -> None:
+    ft = analysis.trace
+    try:
+        sub = _analyse_with(module, user_leaves, concrete)
+    except TraceError as e:
+        why = str(e).split(": ", 2)[-1].split(". Mark it")[0][:140]
+        analysis.rejected.append(RejectedAdd(path, f"leaf {path}", (
+            f"adds in the forward of '{path}' ({type(module).__name__}) were not searched: torch.fx "
+            f"cannot trace it on its own ({why}); its submodules were")))
+        for name, child in module.named_children():
+            if any(True for _ in child.parameters()) and len(list(child.modules())) > 1:
+                _search_module(analysis, f"{path}.{name}", child, None, user_leaves, pos, found)
+        return
+    prefix = path + "."
+    for owner, count in sub.add_counts.items():
+        analysis.add_counts[prefix + owner if owner else path] = count
+    for name, c in sub.trace.calls.items():
+        if name:
+            ft.calls.setdefault(prefix + name, c)
+    per_owner: dict[str, int] = {}
+    for r in sub.residuals:
+        per_owner[r.owner] = per_owner.get(r.owner, 0) + 1
+    for r in sub.residuals:
+        owner = prefix + r.owner if r.owner else path
+        mods = tuple(prefix + m for m in r.modules)
+        found.append((pos, replace(
+            r, owner=owner, modules=mods,
+            name=_name(owner, mods, ft.modules, per_owner[r.owner] > 1, r.add_position),
+            shortcut_modules=tuple(prefix + m for m in r.shortcut_modules),
+            fold_target=prefix + r.fold_target if r.fold_target else None,
+            fold_params=tuple(prefix + p for p in r.fold_params),
+            drop_modules=tuple(prefix + m for m in r.drop_modules))))
+    analysis.rejected.extend(replace(x, owner=prefix + x.owner if x.owner else path)
+                             for x in sub.rejected)
+
+
+def _analyse_with(leaf: nn.Module, leaf_modules: list, concrete: dict | None) -> Analysis:
+    ft = trace_model(leaf, leaf_modules, concrete_args=concrete)
+    analysis = _Analyser(ft).run()
+    _search_leaves(analysis, leaf_modules)
+    return analysis
 
 
 def select(residuals: Sequence[Residual], include: Sequence[str] | str | None,
@@ -201,6 +271,12 @@ def iter_bits(mask: int):
         mask ^= low
 
 
+def _is_mul(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in (operator.mul, torch.mul)
+    return node.op == "call_method" and node.target in ("mul", "__mul__", "__rmul__")
+
+
 def _is_zero_like(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target in (torch.zeros_like, torch.zeros):
         return True
@@ -239,10 +315,12 @@ class _Analyser:
         cur = s
         while cur is not fork:
             role = shortcut_role(cur, self.modules)
-            if role is None:
-                return chain, f"the shortcut side passes through {describe(cur)}"
             ins = [i for i in cur.all_input_nodes
                    if self.data[i] and self.kinds[i] == "tensor" and not _is_zero_like(i)]
+            if role is None and _is_mul(cur) and len(ins) == 1:
+                role = "projection"  # x * scale (MetaFormer's res_scale): a parameter, not data
+            if role is None:
+                return chain, f"the shortcut side passes through {describe(cur)}"
             if len(ins) != 1:
                 return chain, f"the shortcut side merges {len(ins)} tensors at {describe(cur)}"
             chain.append((cur, role))
@@ -416,7 +494,8 @@ class _Analyser:
                 drop_modules=tuple(m for m in branch_modules if is_drop_module(self.modules[m])),
                 add_position=owner_adds[owner].index(n), branch_operand=r["branch_operand"]))
         return Analysis(residuals=residuals, rejected=rejected, trace=self.ft,
-                        add_counts={o: len(ns) for o, ns in owner_adds.items()})
+                        add_counts={o: len(ns) for o, ns in owner_adds.items()},
+                        order=[self.index[n] for n, _ in found])
 
 
 def _name(owner: str, branch_modules: tuple[str, ...], modules: dict[str, nn.Module],

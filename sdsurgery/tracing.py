@@ -180,7 +180,13 @@ def _leaf_hint(name: str, cls: type) -> str:
     return where, how
 
 
-def trace_model(model: nn.Module, leaf_modules: LeafSpec = ()) -> FlatTrace:
+def is_auto_leaf(m: nn.Module) -> bool:
+    """A module timm registers as not traceable (its residuals are searched separately)."""
+    return isinstance(m, _timm_notrace()[0])
+
+
+def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),
+                concrete_args: dict[str, Any] | None = None) -> FlatTrace:
     """Trace ``model`` flat, in eval mode. Raises :class:`TraceError` naming the failing module."""
     timm_leaves, timm_fns = _timm_notrace()
     user_types, user_ids = resolve_leaves(model, leaf_modules)
@@ -188,7 +194,7 @@ def trace_model(model: nn.Module, leaf_modules: LeafSpec = ()) -> FlatTrace:
     tracer = _SurgeryTracer(leaf_types, user_ids, timm_fns)
     with traceable(model):
         try:
-            graph = tracer.trace(model)
+            graph = tracer.trace(model, concrete_args=concrete_args or None)
         except Exception as e:
             name, cls = tracer.failed_module or ("", type(model))
             where, how = _leaf_hint(name, cls)

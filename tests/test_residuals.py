@@ -303,3 +303,33 @@ def test_repvgg_sum_keeps_the_block_residual():
 def test_full_linear_branch_is_still_a_residual():
     names = [r.name for r in sdsurgery.find_residuals(_ConvPosEncBlock().eval())]
     assert names == ["mlp", "lin"]
+
+
+def test_residuals_inside_timm_leaves_are_found_gated_and_folded():
+    model = timm.create_model("nf_regnet_b0", pretrained=False).eval()  # NormFreeBlock is a leaf
+    residuals = sdsurgery.find_residuals(model)
+    assert len(residuals) == 16 and residuals[0].owner == "stages.0.0"
+    assert [r.index for r in residuals] == list(range(16))
+    for p in model.parameters():
+        if p.dim() <= 1:
+            torch.nn.init.uniform_(p, 0.5, 1.5)
+    x = torch.randn(2, 3, 64, 64)
+    conv = sdsurgery.convert(model, drop_rate=0.5, seed=0)
+    assert len(sdsurgery.gates(conv)) == 16
+    conv.train()
+    conv(x).mean().backward()
+    conv.eval()
+    with torch.no_grad():
+        ref = conv(x)
+        out = sdsurgery.fold(conv, keep_scale=True)(x)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_leaf_that_cannot_be_traced_alone_is_searched_through_its_children_and_reported():
+    model = timm.create_model("tiny_vit_5m_224", pretrained=False).eval()
+    an = sdsurgery.analyse(model)
+    unsearched = [r for r in an.rejected if "were not searched" in r.reason]
+    assert {r.owner for r in unsearched} == {f"stages.{s}.blocks.{b}" for s, n in ((1, 2), (2, 6), (3, 2))
+                                               for b in range(n)}
+    assert "TinyVitBlock" in unsearched[0].reason
+    assert len(an.residuals) == 2  # the MBConv blocks of stage 0, outside any leaf

@@ -35,24 +35,76 @@ def smallest_variant(names: list[str]) -> str:
     return sorted(names, key=len)[0]
 
 
+_ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__,
+         torch.Tensor.__iadd__}
+
+
+class _SlotFlow(torch.overrides.TorchFunctionMode):
+    """Follows each slot call's output through the ops after it: the slot guards a residual
+    branch when that value meets, in an add, a value it does not flow into (the shortcut).
+    A block that calls its slot but has no skip (timm's BottleneckBlock when the shape changes)
+    does not count."""
+
+    def __init__(self):
+        super().__init__()
+        self.labels: dict[int, frozenset] = {}
+        self.keep: list[torch.Tensor] = []  # ids stay unique while the labels are in use
+        self.used: set[int] = set()
+
+    def _of(self, value) -> frozenset:
+        out = frozenset()
+        if isinstance(value, torch.Tensor):
+            return self.labels.get(id(value), out)
+        if isinstance(value, (list, tuple)):
+            for v in value:
+                out |= self._of(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                out |= self._of(v)
+        return out
+
+    def label(self, tensor: torch.Tensor, mark: int) -> None:
+        self.labels[id(tensor)] = self._of(tensor) | {mark}
+        self.keep.append(tensor)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        labels = self._of(args) | self._of(kwargs)
+        if func in _ADDS and len(args) >= 2:
+            a, b = self._of(args[0]), self._of(args[1])
+            met = a ^ b
+            self.used |= met
+            labels -= met
+        for t in (out if isinstance(out, (list, tuple)) else [out]):
+            if isinstance(t, torch.Tensor) and labels:
+                self.labels[id(t)] = labels
+                self.keep.append(t)
+        return out
+
+
 def oracle(name: str, x: torch.Tensor, **kwargs) -> tuple[int, set[str]]:
-    """Drop-path slot calls in one eval forward pass of timm model ``name``, and the qualified
-    names of the modules holding the slots that were called."""
+    """Drop-path slot calls that guard a residual add, in one eval forward pass of timm model
+    ``name``, and the qualified names of the modules holding those slots."""
     model = timm.create_model(name, pretrained=False, drop_path_rate=0.1, **kwargs).eval()
     for module in list(model.modules()):
         for attr in [a for a in vars(module) if SLOT.match(a) and getattr(module, a) is None]:
             setattr(module, attr, _CountingSlot())
-    calls, owners = [0], set()
+    flow = _SlotFlow()
+    owners: dict[int, str] = {}
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
             if SLOT.match(child_name):
-                def hook(*_, owner=parent_name):
-                    calls[0] += 1
-                    owners.add(owner)
+                def hook(module, inputs, output, owner=parent_name):
+                    out = output.clone()  # a value of its own, even where the slot is an identity
+                    mark = len(owners)
+                    owners[mark] = owner
+                    flow.label(out, mark)
+                    return out
                 child.register_forward_hook(hook)
-    with torch.no_grad():
+    with torch.no_grad(), flow:
         model(x)
-    return calls[0], owners
+    return len(flow.used), {owners[m] for m in flow.used}
 
 
 @dataclass
