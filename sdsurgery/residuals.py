@@ -327,7 +327,7 @@ class _Analyser:
             if len(chain) > _MAX_SHORTCUT_OPS:
                 return chain, "the shortcut side is longer than a projection"
             cur = ins[0]
-        if sum(role == "mixing" for _, role in chain) > 1:
+        if sum(role == "mixing" and not self._depthwise(n) for n, role in chain) > 1:
             return chain, "the shortcut side has more than one conv/linear layer"
         return chain, None
 
@@ -376,15 +376,14 @@ class _Analyser:
         # x + dwconv(x), conv1x1(x) + conv3x3(x): one linear map written as a sum (conv position
         # encodings, RepVGG's training-time branches, two heads). Dropping a part of it is not
         # stochastic depth. (x + linear(x) with a full linear layer stays a residual.)
-        branch_chain, why = self._shortcut_chain(f, fork)
-        if why is None:
-            mixing = [n for n, role in branch_chain if role == "mixing"]
+        mixing = self._linear_mixing(f, fork)
+        if mixing is not None:
             if any(role == "mixing" for _, role in chain):
                 return ("both sides are linear maps of one tensor (a re-parameterisable multi-branch "
                         "conv, e.g. RepVGG, or two heads): not a block")
             if not mixing or all(self._depthwise(n) for n in mixing):
-                return ("the branch is a depthwise conv and norms only: a conv position encoding "
-                        "(x + dwconv(x) is one conv), not a block")
+                return ("the branch is linear, depthwise convs and norms only: a conv position "
+                        "encoding or re-parameterisable layer (x + dwconv(x) is one conv), not a block")
         # split-and-sum (Res2Net, EdgeNeXt): the shortcut takes one part of the fork, the
         # branch computed another part.
         first = chain[-1][0] if chain else None
@@ -416,6 +415,31 @@ class _Analyser:
                     return (f"the branch also reads {describe(i)}, from which the shortcut was "
                             f"computed: an add inside a larger computation, not around a block")
         return None
+
+    def _linear_mixing(self, f: fx.Node, fork: fx.Node, depth: int = 0) -> list[fx.Node] | None:
+        """The conv/linear nodes of ``f`` if it is a linear map of ``fork`` (chains of shortcut
+        ops, and sums of them: RepVGG-style branches), else None."""
+        mixing: list[fx.Node] = []
+        cur = f
+        while cur is not fork:
+            depth += 1
+            if depth > 2 * _MAX_SHORTCUT_OPS:
+                return None
+            ops = add_operands(cur, self.kinds)
+            if ops is not None:
+                parts = [self._linear_mixing(o, fork, depth) for o in ops]
+                return None if None in parts else mixing + parts[0] + parts[1]
+            role = shortcut_role(cur, self.modules)
+            ins = [i for i in cur.all_input_nodes
+                   if self.data[i] and self.kinds[i] == "tensor" and not _is_zero_like(i)]
+            if role is None and _is_mul(cur) and len(ins) == 1:
+                role = "projection"
+            if role is None or len(ins) != 1:
+                return None
+            if role == "mixing":
+                mixing.append(cur)
+            cur = ins[0]
+        return mixing
 
     def _depthwise(self, n: fx.Node) -> bool:
         m = self.modules.get(n.target) if n.op == "call_module" else None

@@ -107,6 +107,46 @@ def oracle(name: str, x: torch.Tensor, **kwargs) -> tuple[int, set[str]]:
     return len(flow.used), {owners[m] for m in flow.used}
 
 
+# timm families built without a drop-path argument: their residual blocks as the model code
+# documents them (block class -> residual adds per call; 0 = the family has none).
+STRUCTURAL: dict[str, dict[str, object]] = {
+    "convmixer": {"Residual": lambda m: 1},                      # fn(x) + x
+    "dla": {"DlaBasic": lambda m: 1, "DlaBottleneck": lambda m: 1, "DlaBottle2neck": lambda m: 1,
+            "DlaRoot": lambda m: int(bool(m.shortcut))},
+    "dpn": {"DualPathBlock": lambda m: 1},                       # resid = x_s1 + out1
+    "efficientvit_mit": {"ResidualBlock": lambda m: int(m.shortcut is not None and m.main is not None)},
+    "efficientvit_msra": {"ResidualDrop": lambda m: 1},
+    "ghostnet": {"GhostBottleneck": lambda m: 1},                # x += shortcut(shortcut)
+    "hrnet": {"BasicBlock": lambda m: 1, "Bottleneck": lambda m: 1},
+    "inception_resnet_v2": {"Block35": lambda m: 1, "Block17": lambda m: 1, "Block8": lambda m: 1},
+    "lcnetv2": {"RepDepthwiseSeparable": lambda m: int(m.use_shortcut)},
+    "repghost": {"RepGhostBottleneck": lambda m: 1},
+    "senet": {"SEBottleneck": lambda m: 1, "SEResNetBottleneck": lambda m: 1,
+              "SEResNeXtBottleneck": lambda m: 1, "SEResNetBlock": lambda m: 1},
+    "shvit": {"Residual": lambda m: 1},
+    "xception": {"Block": lambda m: 1},                           # x += skip
+    "densenet": {}, "inception_v3": {}, "inception_v4": {}, "vgg": {}, "selecsls": {},
+}
+
+
+def structural_oracle(family: str, model: nn.Module, x: torch.Tensor) -> tuple[int, set[str]]:
+    table = STRUCTURAL[family]
+    calls, owners, handles = [0], set(), []
+    for name, module in model.named_modules():
+        count = table.get(type(module).__name__)
+        if count is not None:
+            def hook(m, *_, owner=name, count=count):
+                if count(m):
+                    calls[0] += count(m)
+                    owners.add(owner)
+            handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        model.eval()(x)
+    for h in handles:
+        h.remove()
+    return calls[0], owners
+
+
 @dataclass
 class ZooRow:
     family: str
@@ -125,14 +165,23 @@ def check(family: str, name: str, tolerance: float = 1e-4) -> ZooRow:
     torch.manual_seed(0)
     size = timm.create_model(name, pretrained=False).pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(2, *size)
-    expected, slot_owners = oracle(name, x)
-    model = timm.create_model(name, pretrained=False, drop_path_rate=0.1).eval()
+    if family in STRUCTURAL:
+        model = timm.create_model(name, pretrained=False).eval()
+        expected, slot_owners = structural_oracle(family, model, x)
+        what = "residual blocks in its model code"
+    else:
+        expected, slot_owners = oracle(name, x)
+        model = timm.create_model(name, pretrained=False, drop_path_rate=0.1).eval()
+        what = "drop-path slots"
     _randomize(model)
     residuals = sdsurgery.find_residuals(model)
     row = ZooRow(family, name, len(residuals), expected, sum(r.fold_target is not None for r in residuals),
                  "ok", "", 0.0)
-    if len(residuals) != expected:
-        row.status, row.reason = "count", f"found {len(residuals)}, timm has {expected} drop-path slots"
+    if expected == 0:
+        if residuals:
+            row.status, row.reason = "count", f"found {len(residuals)}, the family has no residual block"
+    elif len(residuals) != expected:
+        row.status, row.reason = "count", f"found {len(residuals)}, timm has {expected} {what}"
     elif {r.owner for r in residuals} != slot_owners:
         row.status, row.reason = "owners", "the residuals found are not the slotted blocks"
     else:
