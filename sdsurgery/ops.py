@@ -195,6 +195,9 @@ def shortcut_role(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     if node.op == "call_function":
         if node.target in _IDENTITY_FUNCTIONS:
             return "identity"
+        if node.target in ADD_FUNCTIONS and len(node.args) == 2 and sum(
+                isinstance(a, (int, float)) and a == 0 for a in node.args) == 1:
+            return "identity"  # out = 0; out = out + x (MobileOne's optional branches)
         if node.target in _MIXING_FUNCTIONS:
             return "mixing"
         if node.target in _PROJECTION_FUNCTIONS:

@@ -271,6 +271,16 @@ def iter_bits(mask: int):
         mask ^= low
 
 
+def _sub_operands(node: fx.Node, kinds: dict[fx.Node, str]) -> tuple[fx.Node, fx.Node] | None:
+    """The two tensor operands of ``a - b`` (a linear combination, like an add)."""
+    if node.op == "call_function" and node.target in (operator.sub, torch.sub) \
+            or node.op == "call_method" and node.target in ("sub", "__sub__"):
+        a, b = (node.args + (None, None))[:2]
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node) and kinds.get(a) == kinds.get(b) == "tensor":
+            return a, b
+    return None
+
+
 def _is_mul(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in (operator.mul, torch.mul)
@@ -376,11 +386,20 @@ class _Analyser:
         # x + dwconv(x), conv1x1(x) + conv3x3(x): one linear map written as a sum (conv position
         # encodings, RepVGG's training-time branches, two heads). Dropping a part of it is not
         # stochastic depth. (x + linear(x) with a full linear layer stays a residual.)
+        # x + w * x * norm(x) + b (GRN): parameters used elementwise only, no layer: a norm.
+        if not any(n.op == "call_module" and any(True for _ in self.modules[n.target].parameters())
+                   or shortcut_role(n, self.modules) == "mixing" for n in branch):
+            return ("the branch has no layer, only parameters used elementwise: a normalisation "
+                    "written as x + f(x) (e.g. GRN), not a block")
         mixing = self._linear_mixing(f, fork)
         if mixing is not None:
-            if any(role == "mixing" for _, role in chain):
+            full = [n for n in mixing if not self._depthwise(n)]
+            # conv(x) + conv(x), bn(x) + conv(x): one re-parameterisable conv (MobileOne), or two
+            # heads. (RepVGG's bn(x) + [conv1x1(x) + conv3x3(x)] stays a block, as timm slots it.)
+            if any(role == "mixing" for _, role in chain) or \
+                    any(role != "identity" for _, role in chain) and len(full) <= 1:
                 return ("both sides are linear maps of one tensor (a re-parameterisable multi-branch "
-                        "conv, e.g. RepVGG, or two heads): not a block")
+                        "conv, e.g. MobileOne, or two heads): not a block")
             if not mixing or all(self._depthwise(n) for n in mixing):
                 return ("the branch is linear, depthwise convs and norms only: a conv position "
                         "encoding or re-parameterisable layer (x + dwconv(x) is one conv), not a block")
@@ -425,7 +444,7 @@ class _Analyser:
             depth += 1
             if depth > 2 * _MAX_SHORTCUT_OPS:
                 return None
-            ops = add_operands(cur, self.kinds)
+            ops = add_operands(cur, self.kinds) or _sub_operands(cur, self.kinds)
             if ops is not None:
                 parts = [self._linear_mixing(o, fork, depth) for o in ops]
                 return None if None in parts else mixing + parts[0] + parts[1]
@@ -445,7 +464,7 @@ class _Analyser:
         m = self.modules.get(n.target) if n.op == "call_module" else None
         if isinstance(m, nn.Sequential):
             m = next((c for c in m if isinstance(c, nn.modules.conv._ConvNd)), None)
-        return isinstance(m, nn.modules.conv._ConvNd) and m.groups > 1 and m.groups == m.in_channels
+        return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels
 
     def _computed_from_in_scope(self, fork: fx.Node, owner: str) -> set[fx.Node]:
         """Tensors the owner's forward computed ``fork`` from (its own inputs included)."""
@@ -493,6 +512,26 @@ class _Analyser:
                 continue
             options.sort(key=lambda r: (r["kind"] != "identity", -r["params"]))
             found.append((n, options[0]))
+
+        # A residual inside the branch of a block's own residual (CSATv2's attention transformer
+        # inside a block) goes with it: stochastic depth drops the outer block, as timm slots
+        # only the outer one. (Residuals a model's own forward nests, stage around blocks, are
+        # all kept.)
+        adds = {n: i for i, (n, _) in enumerate(found)}
+        nested: dict[int, str] = {}
+        for n, r in found:
+            owner = owner_of(n)
+            if not owner:
+                continue
+            for b in r["branch"]:
+                if b in adds and _in_scope(b, owner) and adds[b] not in nested:
+                    nested[adds[b]] = owner
+        for i in sorted(nested):
+            n = found[i][0]
+            rejected.append(RejectedAdd(owner_of(n), n.format_node() or n.name, (
+                f"nested inside the branch of the residual in '{nested[i]}': it is dropped with "
+                f"that block, not on its own")))
+        found = [x for i, x in enumerate(found) if i not in nested]
 
         residuals: list[Residual] = []
         per_owner: dict[str, int] = {}

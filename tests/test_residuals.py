@@ -271,12 +271,68 @@ class _MaskedBlocks(nn.Module):
         return x
 
 
+class _GRN(nn.Module):
+    """ConvNeXt-V2's global response norm: x + w * (x * nx) + b, a norm, not a block."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c))
+        self.fc = nn.Linear(c, c)
+
+    def forward(self, x):
+        nx = x.norm(dim=1, keepdim=True)
+        x = x + torch.addcmul(self.bias, self.weight, x * nx)
+        return x + self.fc(x).relu()
+
+
+class _MobileOne(nn.Module):
+    """MobileOne's training form: out = 0; out = out + bn(x); out += conv(x): one conv."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.identity = nn.BatchNorm2d(c)
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        out = 0
+        out = out + self.identity(x)
+        out += self.conv(x)
+        return torch.relu(out)
+
+
+class _BlockWithInnerResidual(nn.Module):
+    """A block whose branch holds a small residual block of its own (CSATv2's spatial gate)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.fc = nn.Linear(c, c)
+        self.gate = _ConvPosEncBlock(c).mlp.__class__(c)  # an MLP
+        self.inner = nn.Linear(c, c)
+
+    def forward(self, x):
+        g = self.fc(x)
+        g = g + self.gate(g)
+        return x + self.inner(torch.sigmoid(g) * x)
+
+
+class _Blocks(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.blocks = nn.Sequential(_BlockWithInnerResidual(c), _BlockWithInnerResidual(c))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
 @pytest.mark.parametrize("model, inp, expected, reason", [
     (_ConvPosEncBlock(), (1, 8, 4, 4), 2, "conv position encoding"),
     (_RepBranches(), (1, 8, 4, 4), 1, "multi-branch conv"),
     (_SplitSum(), (1, 8, 4, 4), 0, "split-and-sum"),
     (_SizedPosEmbed(), (1, 5, 8), 0, "share no input"),
     (_MaskedBlocks(), (1, 5, 8), 2, "inside a larger computation"),
+    (_GRN(), (2, 8), 1, "a normalisation"),
+    (_MobileOne(), (1, 8, 4, 4), 0, "e.g. MobileOne"),
+    (_Blocks(), (2, 8), 2, "nested inside the branch of the residual in 'blocks.0'"),
 ])
 def test_residual_shaped_adds_that_are_not_blocks(model, inp, expected, reason):
     model.eval()

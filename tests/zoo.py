@@ -1,15 +1,29 @@
-"""The architecture-coverage harness (issue 5): an oracle nobody here wrote.
+"""The architecture-coverage harness (issue 5): oracles nobody here wrote.
 
-timm puts a drop-path slot on each residual branch (attributes ``drop_path``, ``drop_path1``,
-``drop_path2`` ...: ``DropPath`` when the rate is > 0, ``Identity`` or ``None`` at rate 0). Build
-the model with ``drop_path_rate > 0``, make ``None`` slots visible (a counting identity in their
-place), count the slot calls in one forward pass: that is how many residual branches
-``find_residuals`` must find, and the slots' parents are the blocks that own them.
+* timm: each residual branch has a drop-path slot (``drop_path``, ``drop_path1``, ``mlp_drop_path``
+  ...: ``DropPath`` when the rate is > 0, ``Identity`` or ``None`` at 0). The model is built with
+  ``drop_path_rate=0.1``, ``None`` slots get a counting identity, and in one eval forward pass each
+  slot call's output is followed through the ops after it (a ``TorchFunctionMode``): the call
+  counts when that value meets, in an add, a value it does not flow into (the shortcut). Blocks
+  that call a slot but have no skip are not counted. The slots' parents are the blocks that
+  must own the residuals found.
+* timm families built without ``drop_path_rate``: the residual blocks their model code documents
+  (``STRUCTURAL``: block class -> adds per call), counted by forward hooks; 0 for families with
+  no residual block (then ``convert`` must raise ``NoResidualsError``).
+* torchvision: the blocks each architecture documents (``TV_BLOCKS``), or calls of its
+  ``stochastic_depth`` / ``stochastic_dropout`` slots where it has them.
+
+A row is ``ok`` when ``find_residuals`` finds exactly as many residuals as the oracle, in the
+same blocks, a block-mode training step at drop rate 0.9 runs forward and backward, and the
+folded model reproduces the gated model's eval output (relative error <= 1e-4, with layer
+scales, norms and heads randomised so that every branch counts). ``foldable`` is how many
+branches fold into existing weights with no leftover scale.
 """
 from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import timm
@@ -18,7 +32,7 @@ import torch.nn as nn
 
 import sdsurgery
 
-SLOT = re.compile(r"^drop_path\d*$")
+SLOT = re.compile(r"^(\w+_)?drop_path\d*$")  # drop_path, drop_path1, mlp_drop_path (nextvit)
 PREFERENCE = ["atto", "femto", "pico", "nano", "tiny", "xxs", "xs", "small", "18", "b0", "mini", "s"]
 
 
@@ -182,6 +196,13 @@ def check(family: str, name: str, tolerance: float = 1e-4) -> ZooRow:
             row.status, row.reason = "count", f"found {len(residuals)}, the family has no residual block"
     elif len(residuals) != expected:
         row.status, row.reason = "count", f"found {len(residuals)}, timm has {expected} {what}"
+        modules = dict(model.named_modules())
+        extra = Counter(type(modules[r.owner]).__name__ for r in residuals if r.owner not in slot_owners)
+        if extra:
+            row.reason += "; found in blocks without one: " + ", ".join(f"{k} x{v}" for k, v in extra.items())
+        missing = Counter(type(modules[o]).__name__ for o in slot_owners - {r.owner for r in residuals})
+        if missing:
+            row.reason += "; none found in: " + ", ".join(f"{k} x{v}" for k, v in missing.items())
     elif {r.owner for r in residuals} != slot_owners:
         row.status, row.reason = "owners", "the residuals found are not the slotted blocks"
     else:
