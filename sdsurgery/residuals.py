@@ -31,6 +31,8 @@ from .ops import (add_operands, is_add_call, is_drop_module, is_inplace_add, get
 from .tracing import FlatTrace, LeafSpec, is_auto_leaf, resolve_leaves, trace_model
 
 _MAX_SHORTCUT_OPS = 8
+_RESHAPES = {"view", "reshape", "expand", "repeat", "permute", "transpose", "flatten", "unsqueeze",
+             "squeeze", "contiguous"}
 
 
 @dataclass(frozen=True)
@@ -325,12 +327,23 @@ class _Analyser:
         cur = s
         while cur is not fork:
             role = shortcut_role(cur, self.modules)
-            ins = [i for i in cur.all_input_nodes
-                   if self.data[i] and self.kinds[i] == "tensor" and not _is_zero_like(i)]
+            ins = self._data_inputs(cur)
             if role is None and _is_mul(cur) and len(ins) == 1:
                 role = "projection"  # x * scale (MetaFormer's res_scale): a parameter, not data
+            if role is None and chain and chain[-1][1] == "mixing" and self._is_norm_act(cur):
+                role = "projection"  # a pre-activation projection: conv(relu(bn(x))) (DPN)
             if role is None:
                 return chain, f"the shortcut side passes through {describe(cur)}"
+            if len(ins) > 1 and cur.op == "call_function" and cur.target is torch.cat:
+                # parts of the fork processed apart and put back (MViTv2 pools all tokens but
+                # the class token): every part must be a shortcut chain from the fork
+                chain.append((cur, role))
+                for i in ins:
+                    sub, why = self._shortcut_chain(i, fork)
+                    if why:
+                        return chain, why
+                    chain.extend(sub)
+                break
             if len(ins) != 1:
                 return chain, f"the shortcut side merges {len(ins)} tensors at {describe(cur)}"
             chain.append((cur, role))
@@ -340,6 +353,22 @@ class _Analyser:
         if sum(role == "mixing" and not self._depthwise(n) for n, role in chain) > 1:
             return chain, "the shortcut side has more than one conv/linear layer"
         return chain, None
+
+    def _is_norm_act(self, n: fx.Node) -> bool:
+        m = self.modules.get(n.target) if n.op == "call_module" else None
+        return isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(getattr(m, "act", None), nn.Module)
+
+    def _data_inputs(self, n: fx.Node) -> list[fx.Node]:
+        """The tensors ``n`` computes on (for reshapes only the first argument: the sizes may
+        come from a tuple that fx cannot tell from a tensor)."""
+        if n.op == "call_method" and n.target in _RESHAPES or \
+                n.op == "call_function" and n.target in (torch.reshape, torch.flatten, torch.permute,
+                                                         torch.transpose):
+            first = n.args[0] if n.args else None
+            cands = [first] if isinstance(first, fx.Node) else []
+        else:
+            cands = n.all_input_nodes
+        return [i for i in cands if self.data[i] and self.kinds[i] == "tensor" and not _is_zero_like(i)]
 
     def _branch_params(self, nodes: list[fx.Node]) -> int:
         seen: set[int] = set()
@@ -449,8 +478,7 @@ class _Analyser:
                 parts = [self._linear_mixing(o, fork, depth) for o in ops]
                 return None if None in parts else mixing + parts[0] + parts[1]
             role = shortcut_role(cur, self.modules)
-            ins = [i for i in cur.all_input_nodes
-                   if self.data[i] and self.kinds[i] == "tensor" and not _is_zero_like(i)]
+            ins = self._data_inputs(cur)
             if role is None and _is_mul(cur) and len(ins) == 1:
                 role = "projection"
             if role is None or len(ins) != 1:

@@ -160,7 +160,11 @@ class _Program:
 
 
 class _Skip(Exception):
-    pass
+    """A block cannot be rewritten; ``residual`` names the one branch to blame, when it is one."""
+
+    def __init__(self, message: str, residual: str | None = None):
+        super().__init__(message)
+        self.residual = residual
 
 
 def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], probs: list[float],
@@ -172,11 +176,18 @@ def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], prob
     programs, skipped = [], []
     cache: dict[Any, _Rewrite] = {}
     for owner, rs in by_owner.items():
-        try:
-            programs.append(_program(target, owner, rs, probs, ctrl, ft, analysis.add_counts.get(owner, 0),
-                                     cache))
-        except _Skip as e:
-            skipped.extend((r.name, f"block '{owner}' not rewritten: {e}") for r in rs)
+        while rs:
+            try:
+                programs.append(_program(target, owner, rs, probs, ctrl, ft,
+                                         analysis.add_counts.get(owner, 0), cache))
+                break
+            except _Skip as e:
+                if e.residual is None or len(rs) == 1:
+                    skipped.extend((r.name, f"block '{owner}' not rewritten: {e}") for r in rs)
+                    break
+                # gate the block's other residuals without the one that cannot be cut out
+                skipped.append((e.residual, f"residual left ungated in block '{owner}': {e}"))
+                rs = [r for r in rs if r.name != e.residual]
     return programs, skipped
 
 
@@ -360,9 +371,9 @@ def _cut_branch(graph: fx.Graph, block: nn.Module, add: fx.Node, f: fx.Node, s: 
                 break
     branch = [nodes[i] for i in iter_bits(mask)]
     if f not in branch:
-        raise _Skip(f"the output of branch {r.name!r} is also used outside the residual add")
+        raise _Skip(f"the output of branch {r.name!r} is also used outside the residual add", r.name)
     if not any(_has_params(n, block) for n in branch):
-        raise _Skip(f"the computation of branch {r.name!r} is shared with the rest of its block")
+        raise _Skip(f"the computation of branch {r.name!r} is shared with the rest of its block", r.name)
     inputs: list[fx.Node] = []
     for n in branch:
         for i in n.all_input_nodes:

@@ -319,3 +319,38 @@ def test_blocks_called_with_tuples_are_gated():
     with torch.no_grad():
         assert torch.equal(converted(x), model(x))
         assert converted.train()(x).shape == x.shape
+
+
+class _OneBranchReused(nn.Module):
+    """Two residuals in one block; the first branch's output is used again after its add."""
+
+    def __init__(self):
+        super().__init__()
+        self.f1, self.f2 = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        h = self.f1(x).relu()
+        x = x + h
+        x = x + self.f2(x).relu()
+        return x * h.sigmoid()
+
+
+class _Wrap(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _OneBranchReused()
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_a_block_keeps_its_other_gates_when_one_branch_cannot_be_cut_out():
+    model = _Wrap().eval()
+    assert len(sdsurgery.find_residuals(model)) == 2
+    with pytest.warns(UserWarning, match="left ungated.*also used outside"):
+        converted = sdsurgery.convert(model, drop_rate=0.5, seed=0)
+    gates = sdsurgery.gates(converted)
+    assert [g.name for g in gates] == ["block.f2"]
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        assert torch.allclose(sdsurgery.fold(converted).eval()(x), converted.eval()(x), atol=1e-5)

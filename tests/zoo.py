@@ -303,7 +303,15 @@ def _randomize(model: nn.Module) -> None:
 
 
 def _step_and_fold(model: nn.Module, x: torch.Tensor, row: ZooRow, tolerance: float) -> None:
-    converted = sdsurgery.convert(model, drop_rate=0.9, schedule="uniform", seed=0)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = sdsurgery.convert(model, drop_rate=0.9, schedule="uniform", seed=0)
+    gated = len(sdsurgery.gates(converted))
+    if gated != row.found:
+        first = next((str(w.message) for w in caught if "sdsurgery" in str(w.message)), "")
+        row.status, row.reason = "gated", f"{gated} of {row.found} gated; {first[:200]}".replace("|", "/")
     converted.train()
     out = converted(x)
     (out[0] if isinstance(out, (tuple, list)) else out).float().mean().backward()
