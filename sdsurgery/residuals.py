@@ -283,6 +283,14 @@ def _sub_operands(node: fx.Node, kinds: dict[fx.Node, str]) -> tuple[fx.Node, fx
     return None
 
 
+def _is_pooling(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Spatial pooling (PoolFormer's token mixer: pool(x) - x)."""
+    if node.op == "call_module":
+        return isinstance(modules[node.target], (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd,
+                                                 nn.modules.pooling._AdaptiveAvgPoolNd))
+    return node.op == "call_function" and getattr(node.target, "__name__", "").endswith(("avg_pool2d", "max_pool2d"))
+
+
 def _is_mul(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in (operator.mul, torch.mul)
@@ -354,6 +362,21 @@ class _Analyser:
             return chain, "the shortcut side has more than one conv/linear layer"
         return chain, None
 
+    def _on_every_path(self, node: fx.Node, fork: fx.Node, f: fx.Node, branch: list[fx.Node]) -> bool:
+        """Every tensor path from ``fork`` to ``f`` inside the branch passes through ``node``."""
+        inside = set(branch)
+        seen, todo = {fork}, [fork]
+        while todo:
+            n = todo.pop()
+            for u in n.users:
+                if u is node or u in seen or u not in inside or self.kinds.get(u) != "tensor":
+                    continue
+                if u is f:
+                    return False
+                seen.add(u)
+                todo.append(u)
+        return True
+
     def _is_norm_act(self, n: fx.Node) -> bool:
         m = self.modules.get(n.target) if n.op == "call_module" else None
         return isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(getattr(m, "act", None), nn.Module)
@@ -417,9 +440,10 @@ class _Analyser:
         # stochastic depth. (x + linear(x) with a full linear layer stays a residual.)
         # x + w * x * norm(x) + b (GRN): parameters used elementwise only, no layer: a norm.
         if not any(n.op == "call_module" and any(True for _ in self.modules[n.target].parameters())
-                   or shortcut_role(n, self.modules) == "mixing" for n in branch):
-            return ("the branch has no layer, only parameters used elementwise: a normalisation "
-                    "written as x + f(x) (e.g. GRN), not a block")
+                   or shortcut_role(n, self.modules) == "mixing" or _is_pooling(n, self.modules)
+                   for n in branch):
+            return ("the branch has no layer or pooling, only parameters used elementwise: a "
+                    "normalisation written as x + f(x) (e.g. GRN), not a block")
         mixing = self._linear_mixing(f, fork)
         if mixing is not None:
             full = [n for n in mixing if not self._depthwise(n)]
@@ -429,7 +453,7 @@ class _Analyser:
                     any(role != "identity" for _, role in chain) and len(full) <= 1:
                 return ("both sides are linear maps of one tensor (a re-parameterisable multi-branch "
                         "conv, e.g. MobileOne, or two heads): not a block")
-            if not mixing or all(self._depthwise(n) for n in mixing):
+            if mixing and all(self._depthwise(n) for n in mixing):
                 return ("the branch is linear, depthwise convs and norms only: a conv position "
                         "encoding or re-parameterisable layer (x + dwconv(x) is one conv), not a block")
         # split-and-sum (Res2Net, EdgeNeXt): the shortcut takes one part of the fork, the
@@ -541,10 +565,10 @@ class _Analyser:
             options.sort(key=lambda r: (r["kind"] != "identity", -r["params"]))
             found.append((n, options[0]))
 
-        # A residual inside the branch of a block's own residual (CSATv2's attention transformer
-        # inside a block) goes with it: stochastic depth drops the outer block, as timm slots
-        # only the outer one. (Residuals a model's own forward nests, stage around blocks, are
-        # all kept.)
+        # A residual on a side path inside the branch of a block's own residual (CSATv2's
+        # attention transformer, whose output gates the block's features) goes with it, as timm
+        # slots only the outer one. Residuals in series on the branch (EdgeNeXt's XCA inside
+        # its block) and those a model's own forward nests (a stage around blocks) are kept.
         adds = {n: i for i, (n, _) in enumerate(found)}
         nested: dict[int, str] = {}
         for n, r in found:
@@ -552,7 +576,8 @@ class _Analyser:
             if not owner:
                 continue
             for b in r["branch"]:
-                if b in adds and _in_scope(b, owner) and adds[b] not in nested:
+                if b in adds and _in_scope(b, owner) and adds[b] not in nested \
+                        and not self._on_every_path(b, r["fork"], r["f"], r["branch"]):
                     nested[adds[b]] = owner
         for i in sorted(nested):
             n = found[i][0]

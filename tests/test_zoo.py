@@ -22,6 +22,9 @@ EXACT = {
     "nfnet": "nf_regnet_b0", "mobilevit": "mobilevit_xxs", "davit": "davit_tiny",
     "res2net": "res2net50d", "byobnet": "repvgg_b0", "metaformer": "caformer_s18",
     "hiera": "hiera_tiny_224", "xcit": "xcit_nano_12_p8_224",
+    # pooling token mixer (pool(x) - x), a residual in series inside a block's branch, a
+    # transformer on a side path inside one
+    "efficientformer": "efficientformer_l1", "edgenext": "edgenext_small", "csatv2": "csatv2",
 }
 
 
