@@ -135,6 +135,7 @@ STRUCTURAL: dict[str, dict[str, object]] = {
     "inception_resnet_v2": {"Block35": lambda m: 1, "Block17": lambda m: 1, "Block8": lambda m: 1},
     "lcnetv2": {"RepDepthwiseSeparable": lambda m: int(m.use_shortcut)},
     "repghost": {"RepGhostBottleneck": lambda m: 1},
+    "repvit": {"RepViTBlock": lambda m: 1, "RepVitDownsample": lambda m: 1},  # identity + mlp(x)
     "senet": {"SEBottleneck": lambda m: 1, "SEResNetBottleneck": lambda m: 1,
               "SEResNeXtBottleneck": lambda m: 1, "SEResNetBlock": lambda m: 1},
     "shvit": {"Residual": lambda m: 1},
