@@ -28,7 +28,7 @@ import torch.nn as nn
 from .errors import NoResidualsError, TraceError
 from .ops import (add_operands, is_add_call, is_drop_module, is_inplace_add, get_attr,
                   shortcut_role, value_kinds)
-from .tracing import FlatTrace, LeafSpec, is_auto_leaf, resolve_leaves, trace_model
+from .tracing import FlatTrace, LeafSpec, notrace_module_types, resolve_leaves, trace_model
 
 _MAX_SHORTCUT_OPS = 8
 _RESHAPES = {"view", "reshape", "expand", "repeat", "permute", "transpose", "flatten", "unsqueeze",
@@ -119,10 +119,7 @@ def analyse(model: nn.Module, *, leaf_modules: LeafSpec = ()) -> Analysis:
     if is_converted(model):
         raise ValueError("the model is already converted (it carries stochastic-depth gates); "
                          "call sdsurgery.fold(model) first, or use sdsurgery.gates(model)")
-    ft = trace_model(model, leaf_modules)
-    analysis = _Analyser(ft).run()
-    _search_leaves(analysis, leaf_modules)
-    return analysis
+    return _analyse_with(model, leaf_modules, None)
 
 
 def _search_leaves(analysis: Analysis, leaf_modules: LeafSpec) -> None:
@@ -133,12 +130,13 @@ def _search_leaves(analysis: Analysis, leaf_modules: LeafSpec) -> None:
     ft = analysis.trace
     user_types, user_ids = resolve_leaves(ft.root, leaf_modules)
     user_leaves = list(user_types) + [m for m in ft.modules.values() if id(m) in user_ids]
+    notrace = notrace_module_types()
     found: list[tuple[int, Residual]] = list(zip(analysis.order, analysis.residuals))
     for pos, node in enumerate(ft.graph.nodes):
         if node.op != "call_module":
             continue
         path, leaf = node.target, ft.modules[node.target]
-        if id(leaf) in user_ids or isinstance(leaf, user_types) or not is_auto_leaf(leaf):
+        if id(leaf) in user_ids or isinstance(leaf, user_types) or not isinstance(leaf, notrace):
             continue
         calls = ft.calls.get(path, [])
         concrete = calls[0].concrete_args(leaf) if len(calls) == 1 else None
@@ -185,8 +183,10 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
                              for x in sub.rejected)
 
 
-def _analyse_with(leaf: nn.Module, leaf_modules: list, concrete: dict | None) -> Analysis:
-    ft = trace_model(leaf, leaf_modules, concrete_args=concrete)
+def _analyse_with(module: nn.Module, leaf_modules: LeafSpec, concrete: dict | None) -> Analysis:
+    """Trace ``module`` (specialised on ``concrete`` arguments), classify its adds, search its
+    not-traceable leaves."""
+    ft = trace_model(module, leaf_modules, concrete_args=concrete)
     analysis = _Analyser(ft).run()
     _search_leaves(analysis, leaf_modules)
     return analysis
@@ -334,10 +334,8 @@ class _Analyser:
         chain: list[tuple[fx.Node, str]] = []
         cur = s
         while cur is not fork:
-            role = shortcut_role(cur, self.modules)
             ins = self._data_inputs(cur)
-            if role is None and _is_mul(cur) and len(ins) == 1:
-                role = "projection"  # x * scale (MetaFormer's res_scale): a parameter, not data
+            role = self._linear_role(cur, ins)
             if role is None and chain and chain[-1][1] == "mixing" and self._is_norm_act(cur):
                 role = "projection"  # a pre-activation projection: conv(relu(bn(x))) (DPN)
             if role is None:
@@ -376,6 +374,14 @@ class _Analyser:
                 seen.add(u)
                 todo.append(u)
         return True
+
+    def _linear_role(self, n: fx.Node, ins: list[fx.Node]) -> str | None:
+        """:func:`shortcut_role`, plus ``x * scale`` with one data input (MetaFormer's
+        res_scale, a layer scale): a parameter or computed gain, not data."""
+        role = shortcut_role(n, self.modules)
+        if role is None and _is_mul(n) and len(ins) == 1:
+            return "projection"
+        return role
 
     def _is_norm_act(self, n: fx.Node) -> bool:
         m = self.modules.get(n.target) if n.op == "call_module" else None
@@ -501,10 +507,8 @@ class _Analyser:
             if ops is not None:
                 parts = [self._linear_mixing(o, fork, depth) for o in ops]
                 return None if None in parts else mixing + parts[0] + parts[1]
-            role = shortcut_role(cur, self.modules)
             ins = self._data_inputs(cur)
-            if role is None and _is_mul(cur) and len(ins) == 1:
-                role = "projection"
+            role = self._linear_role(cur, ins)
             if role is None or len(ins) != 1:
                 return None
             if role == "mixing":
@@ -520,11 +524,8 @@ class _Analyser:
 
     def _computed_from_in_scope(self, fork: fx.Node, owner: str) -> set[fx.Node]:
         """Tensors the owner's forward computed ``fork`` from (its own inputs included)."""
-        def in_scope(n: fx.Node) -> bool:
-            return _in_scope(n, owner)
-
         out: set[fx.Node] = set()
-        if not in_scope(fork) or fork.op == "placeholder":
+        if not _in_scope(fork, owner) or fork.op == "placeholder":
             return out
         todo = [i for i in fork.all_input_nodes if self.kinds[i] == "tensor"]
         while todo:
@@ -532,7 +533,7 @@ class _Analyser:
             if n in out:
                 continue
             out.add(n)
-            if in_scope(n) and n.op != "placeholder":
+            if _in_scope(n, owner) and n.op != "placeholder":
                 todo.extend(i for i in n.all_input_nodes if self.kinds[i] == "tensor")
         return out
 

@@ -180,9 +180,10 @@ def _leaf_hint(name: str, cls: type) -> str:
     return where, how
 
 
-def is_auto_leaf(m: nn.Module) -> bool:
-    """A module timm registers as not traceable (its residuals are searched separately)."""
-    return isinstance(m, _timm_notrace()[0])
+def notrace_module_types() -> tuple[type, ...]:
+    """The module classes timm registers as not traceable (their residuals are searched
+    separately)."""
+    return _timm_notrace()[0]
 
 
 def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),

@@ -144,17 +144,26 @@ STRUCTURAL: dict[str, dict[str, object]] = {
 }
 
 
-def structural_oracle(family: str, model: nn.Module, x: torch.Tensor) -> tuple[int, set[str]]:
-    table = STRUCTURAL[family]
+def count_calls(model: nn.Module, x: torch.Tensor, blocks: dict[str, object],
+                slot: re.Pattern | None = None) -> tuple[int, set[str]]:
+    """Residual branches in one eval forward pass: per call of a block class in ``blocks``
+    (class name -> branches per call), plus one per call of a child named like ``slot``; and
+    the modules that own them."""
     calls, owners, handles = [0], set(), []
     for name, module in model.named_modules():
-        count = table.get(type(module).__name__)
+        count = blocks.get(type(module).__name__)
         if count is not None:
-            def hook(m, *_, owner=name, count=count):
+            def block_hook(m, *_, owner=name, count=count):
                 if count(m):
                     calls[0] += count(m)
                     owners.add(owner)
-            handles.append(module.register_forward_hook(hook))
+            handles.append(module.register_forward_hook(block_hook))
+        for child_name, child in module.named_children() if slot is not None else ():
+            if slot.match(child_name):
+                def slot_hook(*_, owner=name):
+                    calls[0] += 1
+                    owners.add(owner)
+                handles.append(child.register_forward_hook(slot_hook))
     with torch.no_grad():
         model.eval()(x)
     for h in handles:
@@ -182,7 +191,7 @@ def check(family: str, name: str, tolerance: float = 1e-4) -> ZooRow:
     x = torch.randn(2, *size)
     if family in STRUCTURAL:
         model = timm.create_model(name, pretrained=False).eval()
-        expected, slot_owners = structural_oracle(family, model, x)
+        expected, slot_owners = count_calls(model, x, STRUCTURAL[family])
         what = "residual blocks in its model code"
     else:
         expected, slot_owners = oracle(name, x)
@@ -235,34 +244,8 @@ def tv_input(name: str) -> torch.Tensor:
     return torch.randn(2, 3, size, size)
 
 
-def tv_oracle(model: nn.Module, x: torch.Tensor) -> tuple[int, set[str]]:
-    """Residual branches of a torchvision model in one eval forward pass (see TV_BLOCKS), and
-    the blocks that own them."""
-    calls, owners = [0], set()
-    handles = []
-    for parent_name, parent in model.named_modules():
-        n = TV_BLOCKS.get(type(parent).__name__)
-        if n is not None:
-            def block_hook(module, *_, owner=parent_name, n=n):
-                if n(module):
-                    calls[0] += n(module)
-                    owners.add(owner)
-            handles.append(parent.register_forward_hook(block_hook))
-        for child_name, slot in parent.named_children():
-            if TV_SLOT.match(child_name):
-                def slot_hook(*_, owner=parent_name):
-                    calls[0] += 1
-                    owners.add(owner)
-                handles.append(slot.register_forward_hook(slot_hook))
-    with torch.no_grad():
-        model.eval()(x)
-    for h in handles:
-        h.remove()
-    return calls[0], owners
-
-
 def check_torchvision(name: str, tolerance: float = 1e-4) -> ZooRow:
-    """One torchvision classification model: count and owners against :func:`tv_oracle`; a model
+    """One torchvision classification model: count and owners against its blocks; a model
     with no residual block must raise NoResidualsError; then a block-mode step and fold."""
     import torchvision
 
@@ -270,7 +253,7 @@ def check_torchvision(name: str, tolerance: float = 1e-4) -> ZooRow:
     torch.manual_seed(0)
     model = torchvision.models.get_model(name, weights=None).eval()
     x = tv_input(name)
-    expected, owners = tv_oracle(model, x)
+    expected, owners = count_calls(model, x, TV_BLOCKS, TV_SLOT)
     _randomize(model)
     residuals = sdsurgery.find_residuals(model)
     row = ZooRow("torchvision", name, len(residuals), expected,
