@@ -291,6 +291,16 @@ def _is_pooling(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return node.op == "call_function" and getattr(node.target, "__name__", "").endswith(("avg_pool2d", "max_pool2d"))
 
 
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _is_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _NORMS)
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in (
+        "batch_norm", "layer_norm", "group_norm", "instance_norm")
+
+
 def _is_mul(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in (operator.mul, torch.mul)
@@ -459,9 +469,14 @@ class _Analyser:
                     any(role != "identity" for _, role in chain) and len(full) <= 1:
                 return ("both sides are linear maps of one tensor (a re-parameterisable multi-branch "
                         "conv, e.g. MobileOne, or two heads): not a block")
-            if mixing and all(self._depthwise(n) for n in mixing):
-                return ("the branch is linear, depthwise convs and norms only: a conv position "
-                        "encoding or re-parameterisable layer (x + dwconv(x) is one conv), not a block")
+            # x + dwconv(x) with no norm is a conditional position encoding (CPE/PEG: DaViT,
+            # CoaT, Twins): the model's position information, always on. With a norm,
+            # x + bn(dwconv(x)) is a token-mixing layer that its architectures train with
+            # stochastic depth (EfficientViT-MSRA, SHViT, iFormer, EfficientViM): a block.
+            if mixing and all(self._depthwise(n) for n in mixing) and \
+                    not any(_is_norm(n, self.modules) for n in branch):
+                return ("the branch is linear, depthwise convs with no norm: a conv position encoding "
+                        "(x + dwconv(x), CPE), not a block")
         # split-and-sum (Res2Net, EdgeNeXt): the shortcut takes one part of the fork, the
         # branch computed another part.
         first = chain[-1][0] if chain else None

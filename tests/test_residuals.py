@@ -174,16 +174,19 @@ class _Mlp(nn.Module):
 
 
 class _ConvPosEncBlock(nn.Module):
-    """CPE (CoaT, DaViT, Twins) before a real residual; plus x + linear(x), which stays one."""
+    """CPE (CoaT, DaViT, Twins) before real residuals: x + bn(dwconv(x)) (a token mixer in
+    SHViT, iFormer), x + linear(x); both stay residuals."""
 
     def __init__(self, c=8):
         super().__init__()
         self.cpe = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.mixer = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c))
         self.mlp = _Mlp(c)
         self.lin = nn.Linear(c, c)
 
     def forward(self, x):
         x = x + self.cpe(x)
+        x = x + self.mixer(x)
         t = x.flatten(2).transpose(1, 2)
         t = t + self.mlp(t)
         return t + self.lin(t)
@@ -325,7 +328,7 @@ class _Blocks(nn.Module):
 
 
 @pytest.mark.parametrize("model, inp, expected, reason", [
-    (_ConvPosEncBlock(), (1, 8, 4, 4), 2, "conv position encoding"),
+    (_ConvPosEncBlock(), (1, 8, 4, 4), 3, "conv position encoding"),
     (_RepBranches(), (1, 8, 4, 4), 1, "multi-branch conv"),
     (_SplitSum(), (1, 8, 4, 4), 0, "split-and-sum"),
     (_SizedPosEmbed(), (1, 5, 8), 0, "share no input"),
@@ -358,7 +361,7 @@ def test_repvgg_sum_keeps_the_block_residual():
 
 def test_full_linear_branch_is_still_a_residual():
     names = [r.name for r in sdsurgery.find_residuals(_ConvPosEncBlock().eval())]
-    assert names == ["mlp", "lin"]
+    assert names == ["mixer", "mlp", "lin"]
 
 
 def test_residuals_inside_timm_leaves_are_found_gated_and_folded():
