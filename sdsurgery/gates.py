@@ -98,7 +98,7 @@ class StochasticDepthGate(nn.Module):
     def __init__(self, *, name: str, index: int, drop_prob: float, controller: GateController,
                  shortcut: str, fold_target: str | None, fold_params: tuple[str, ...],
                  fold_blocker: str | None, batched: tuple[bool, ...], sample_fallback: bool,
-                 drop_modules: tuple[str, ...] = ()):
+                 drop_modules: tuple[str, ...] = (), masked: str | None = None):
         super().__init__()
         self.name = name
         self.index = index
@@ -111,6 +111,9 @@ class StochasticDepthGate(nn.Module):
         self.batched = batched
         self.sample_fallback = sample_fallback
         self.drop_modules = drop_modules
+        # Why the branch is masked (its block computes it anyway, so a drop saves no compute),
+        # or None: a dropped branch is not computed.
+        self.masked = masked
         self.frozen = False  # set by fold(keep_scale=True): always on, eval behaviour
 
     @property
@@ -131,7 +134,8 @@ class StochasticDepthGate(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"name={self.name!r}, drop_prob={self.drop_prob:.4g}, mode={self.mode}, "
-                f"scaling={self.scaling}" + (", frozen" if self.frozen else ""))
+                f"scaling={self.scaling}" + (", masked" if self.masked else "")
+                + (", frozen" if self.frozen else ""))
 
     def forward(self, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor,
                 *inputs: Any) -> torch.Tensor:

@@ -111,6 +111,12 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
                                f"{skipped[0][1]}{more}")
     for name, why in skipped:
         warnings.warn(f"sdsurgery: residual {name!r} left ungated: {why}", stacklevel=2)
+    masked = [(g.name, g.masked) for p in programs for _, g in p.gates if g.masked]
+    if masked:
+        more = f" (and {len(masked) - 1} more)" if len(masked) > 1 else ""
+        warnings.warn(f"sdsurgery: {len(masked)} residual branches are gated by masking, so "
+                      f"dropping them saves no compute: {masked[0][0]!r}: {masked[0][1]}{more}; "
+                      f"see gate.masked", stacklevel=2)
     ctrl.skipped = skipped
     ctrl.settings = {
         "include": include, "exclude": exclude, "gate_projection": gate_projection,
@@ -167,6 +173,10 @@ class _Skip(Exception):
         self.residual = residual
 
 
+class _Shared(_Skip):
+    """A branch's computation is needed by the rest of its block: it can be masked, not skipped."""
+
+
 def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], probs: list[float],
              ctrl: GateController) -> tuple[list[_Program], list[tuple[str, str]]]:
     ft = analysis.trace
@@ -201,6 +211,7 @@ class _Rewrite:
     gate_attrs: list[str]
     batched: list[tuple[bool, ...]]
     fallback: list[bool]
+    masked: list[str | None]  # why a branch is masked rather than skipped
 
 
 def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
@@ -231,7 +242,8 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
             name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
             shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
             fold_blocker=r.fold_blocker, batched=rewrite.batched[k],
-            sample_fallback=rewrite.fallback[k], drop_modules=r.drop_modules)
+            sample_fallback=rewrite.fallback[k], drop_modules=r.drop_modules,
+            masked=rewrite.masked[k])
         prog.gates.append((rewrite.gate_attrs[k], gate))
     return prog
 
@@ -310,7 +322,8 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
     kinds = value_kinds(graph, block)
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     used = set(block._modules) | set(block.__dict__)
-    out = _Rewrite(forward=None, branches=[], gate_attrs=[], batched=[], fallback=[])  # type: ignore[arg-type]
+    out = _Rewrite(forward=None, branches=[], gate_attrs=[], batched=[], fallback=[],  # type: ignore[arg-type]
+                   masked=[])
     for k, (r, add) in enumerate([(r, adds[r.add_position]) for r in residuals]):
         gate_attr, fn_attr = f"sd_gate_{k}", f"_sd_branch_{k}"
         if gate_attr in used or fn_attr in used or hasattr(type(block), gate_attr):
@@ -318,7 +331,13 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
         f, s = add.args[r.branch_operand], add.args[1 - r.branch_operand]
         if not (isinstance(f, fx.Node) and isinstance(s, fx.Node)):
             raise _Skip(f"the add of {r.name!r} has no tensor operands when '{owner}' is traced alone")
-        branch_fn, inputs, branch = _cut_branch(graph, block, add, f, s, r, placeholders)
+        try:
+            branch_fn, inputs, branch = _cut_branch(graph, block, add, f, s, r, placeholders)
+            out.masked.append(None)
+        except _Shared as e:
+            # The block computes the branch anyway: the gate takes its value and masks it.
+            branch_fn, inputs, branch = _passthrough(), [f], []
+            out.masked.append(str(e))
         out.batched.append(tuple(kinds.get(i) == "tensor" and _depends_on(i, placeholders[:1])
                                  for i in inputs))
         out.fallback.append(any(kinds.get(i) != "tensor" for i in inputs))
@@ -371,9 +390,9 @@ def _cut_branch(graph: fx.Graph, block: nn.Module, add: fx.Node, f: fx.Node, s: 
                 break
     branch = [nodes[i] for i in iter_bits(mask)]
     if f not in branch:
-        raise _Skip(f"the output of branch {r.name!r} is also used outside the residual add", r.name)
+        raise _Shared("its output is also used outside the residual add", r.name)
     if not any(_has_params(n, block) for n in branch):
-        raise _Skip(f"the computation of branch {r.name!r} is shared with the rest of its block", r.name)
+        raise _Shared("its computation is shared with the rest of its block", r.name)
     inputs: list[fx.Node] = []
     for n in branch:
         for i in n.all_input_nodes:
@@ -387,6 +406,13 @@ def _cut_branch(graph: fx.Graph, block: nn.Module, add: fx.Node, f: fx.Node, s: 
         env[n] = sub.node_copy(n, lambda x: env[x])
     sub.output(env[f])
     return _compile(sub, f"branch {r.name}"), inputs, branch
+
+
+def _passthrough() -> Callable:
+    """The branch function of a masked gate: the branch value, computed by the block."""
+    sub = fx.Graph()
+    sub.output(sub.placeholder("branch"))
+    return _compile(sub, "masked branch")
 
 
 def _has_params(node: fx.Node, block: nn.Module) -> bool:

@@ -344,13 +344,37 @@ class _Wrap(nn.Module):
         return self.block(x)
 
 
-def test_a_block_keeps_its_other_gates_when_one_branch_cannot_be_cut_out():
+def test_a_branch_the_block_needs_anyway_is_masked_not_skipped():
     model = _Wrap().eval()
     assert len(sdsurgery.find_residuals(model)) == 2
-    with pytest.warns(UserWarning, match="left ungated.*also used outside"):
+    with pytest.warns(UserWarning, match="1 residual branches are gated by masking.*'block.f1'.*also used outside"):
         converted = sdsurgery.convert(model, drop_rate=0.5, seed=0)
-    gates = sdsurgery.gates(converted)
-    assert [g.name for g in gates] == ["block.f2"]
+    g1, g2 = sdsurgery.gates(converted)
+    assert (g1.name, g2.name) == ("block.f1", "block.f2")
+    assert "also used outside" in g1.masked and g2.masked is None
     x = torch.randn(3, 6)
+    block = converted.block
+    # dropped in training: h leaves the add but is still computed for the product
+    g1.drop_prob, g2.drop_prob = 0.999999, 0.0
+    calls = []
+    block.f1.register_forward_hook(lambda *_: calls.append("f1"))
     with torch.no_grad():
-        assert torch.allclose(sdsurgery.fold(converted).eval()(x), converted.eval()(x), atol=1e-5)
+        h = block.f1(x).relu()
+        expected = (x + block.f2(x).relu()) * h.sigmoid()
+        calls.clear()
+        assert torch.allclose(converted.train()(x), expected, atol=1e-6)
+        assert calls == ["f1"]
+        g1.drop_prob = 0.25
+        eval_out = converted.eval()(x)
+        y = x + 0.75 * h
+        assert torch.allclose(eval_out, (y + block.f2(y).relu()) * h.sigmoid(), atol=1e-6)
+        # its scale cannot go into f1 (h is used again): fold keeps it explicit
+        with pytest.raises(sdsurgery.FoldError, match="block.f1"):
+            sdsurgery.fold(converted)
+        assert torch.allclose(sdsurgery.fold(converted, keep_scale=True).eval()(x), eval_out, atol=1e-6)
+    # per-sample decisions: the masked branch's value is gathered for the kept samples
+    with pytest.warns(UserWarning, match="masking"):
+        sampled = sdsurgery.convert(model, drop_rate=0.6, mode="sample", seed=0).train()
+    out = sampled(torch.randn(16, 6, requires_grad=True))
+    out.sum().backward()
+    assert out.shape == (16, 6) and sampled.block.f1.weight.grad is not None
