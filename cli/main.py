@@ -109,7 +109,7 @@ def _report(model, image_size: int) -> dict[str, Any]:
              "flops": flops.branches.get(g.name, 0),
              "flops_share": flops.branches.get(g.name, 0) / flops.total if flops.total else 0.0,
              "fold_target": g.fold_target, "fold_blocker": g.fold_blocker,
-             "neutralised": list(g.drop_modules)} for g in gates]
+             "neutralised": list(g.drop_modules), "masked": g.masked} for g in gates]
     found = ctrl.count
     return {
         "residuals": rows,
@@ -147,6 +147,9 @@ def _print_report(title: str, report: dict[str, Any], fold_column: bool) -> None
                   f"{100 * s['expected_training_compute']:.1f}% of the full model "
                   f"(saving {100 * s['expected_saving']:.1f}%, FLOPs at {s['image_size']} px)",
                   markup=False)
+    for r in report["residuals"]:
+        if r["masked"]:
+            console.print(f"masked (a drop saves no compute): {r['name']}: {r['masked']}", markup=False)
     for sk in report["skipped"]:
         console.print(f"not gated: {sk['name']}: {sk['reason']}", markup=False)
 

@@ -147,3 +147,32 @@ def test_untraceable_model_names_the_module_and_the_leaf_option(tmp_path):
     r = run("inspect", f"{f}:make", "--leaf", "odd", "--json", "--image-size", "4")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["summary"]["residual_branches"] == 1
+
+
+REUSED = '''
+import torch.nn as nn
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f1, self.f2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+    def forward(self, x):
+        h = self.f1(x).relu()
+        x = x + h
+        x = x + self.f2(x).relu()
+        return x * h.sigmoid()
+
+def make():
+    return Net()
+'''
+
+
+def test_convert_reports_masked_branches(tmp_path):
+    f = tmp_path / "net.py"
+    f.write_text(REUSED)
+    r = run("convert", f"{f}:make", "--image-size", "8", "-o", tmp_path / "n.safetensors")
+    assert r.exit_code == 0, r.output
+    assert "masked (a drop saves no compute): f1: its output is also used outside" in r.stdout
+    r = run("inspect", f"{f}:make", "--json", "--image-size", "8")
+    rows = {x["name"]: x for x in json.loads(r.stdout)["residuals"]}
+    assert "also used outside" in rows["f1"]["masked"] and rows["f2"]["masked"] is None
