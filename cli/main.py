@@ -83,6 +83,14 @@ def _default_image_size(model) -> int:
     return int(size) if isinstance(size, int) else 224
 
 
+def _example(model, image_size: int | None):
+    """An input for tracing modules whose forward branches on sizes."""
+    import torch
+
+    size = image_size or _default_image_size(model)
+    return torch.randn(2, 3, size, size)
+
+
 def _checks(drop_rate: float, schedule: str, mode: str, scaling: str) -> None:
     sdsurgery.schedules.check_rate(drop_rate, "--drop-rate")
     for opt, value, allowed in (("--schedule", schedule, ("linear", "uniform")),
@@ -187,7 +195,7 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
     converted = sdsurgery.convert(net, drop_rate=drop_rate, schedule=schedule, mode=mode,
                                   scaling=scaling, include=include or None, exclude=exclude or None,
                                   gate_projection=gate_projection, seed=seed, leaf_modules=leaf,
-                                  inplace=True)
+                                  example=_example(net, image_size), inplace=True)
     sdsurgery.save(converted, output)
     report = _report(converted, image_size or _default_image_size(converted))
     _print_report(f"{model}: stochastic depth", report, fold_column=False)
@@ -225,9 +233,11 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
             net = sdsurgery.load(target)
     else:
         plain = _build(target, pretrained, weights, num_classes, arg)
-    analysis = sdsurgery.analyse(plain, leaf_modules=leaf)
+    example = _example(plain, image_size)
+    analysis = sdsurgery.analyse(plain, leaf_modules=leaf, example=example)
     converted = net if net is not None else sdsurgery.convert(
-        plain, drop_rate=drop_rate, schedule=schedule, mode=mode, seed=0, leaf_modules=leaf)
+        plain, drop_rate=drop_rate, schedule=schedule, mode=mode, seed=0, leaf_modules=leaf,
+        example=example)
     report = _report(converted, image_size or _default_image_size(converted))
     report["rejected"] = [{"owner": r.owner, "reason": r.reason} for r in analysis.rejected]
     report["model"] = target

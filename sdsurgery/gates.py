@@ -41,6 +41,7 @@ class GateController:
         self.scaling = scaling
         self.gates: list[StochasticDepthGate] = []
         self.installs: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []  # owner, gates, branch fns
+        self.hooks: list[tuple[str, int, str]] = []  # hooked module, hook id, gate name
         self.neutralised: list[tuple[str, str, Any]] = []  # module, attribute, original value
         self.skipped: list[tuple[str, str]] = []  # residual name, reason
         self.settings: dict[str, Any] = {}  # the other convert() arguments, for checkpoints
@@ -176,6 +177,38 @@ class StochasticDepthGate(nn.Module):
         return shortcut.index_add(0, idx, out.to(shortcut.dtype))
 
 
+    def mask(self, out: torch.Tensor) -> torch.Tensor:
+        """The branch value ``out``, computed already, as the gate lets it through: zeros when
+        dropped (block mode), zeroed on dropped samples (sample mode), scaled as ``forward``
+        scales it. For branches gated at a module's output (a hook), where nothing is skipped."""
+        p = self.drop_prob
+        if p == 0.0:
+            return out
+        expectation = self.controller.scaling == "expectation"
+        if not self.training or self.frozen:
+            return out * (1.0 - p) if expectation else out
+        scale = 1.0 if expectation else 1.0 / (1.0 - p)
+        gen = self.controller.generator
+        if self.controller.mode == "block":
+            if torch.rand((), generator=gen).item() < p:
+                return torch.zeros_like(out)
+            return out if scale == 1.0 else out * scale
+        n = out.shape[0]
+        keep = (torch.rand(n, generator=gen) >= p).to(device=out.device, dtype=out.dtype)
+        return out * (keep.view(n, *([1] * (out.dim() - 1))) * scale)
+
+
+class GateHook:
+    """A forward hook that passes a module's output through ``gate.mask``. A plain object
+    holding the gate, so that deep copies of the model hook their own copy of the gate."""
+
+    def __init__(self, gate: StochasticDepthGate):
+        self.gate = gate
+
+    def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        return self.gate.mask(output)
+
+
 # ------------------------------------------------------------------------- model helpers
 def controller_of(model: nn.Module) -> GateController:
     ctrl = model.__dict__.get(CONTROLLER_ATTR)
@@ -204,6 +237,13 @@ def uninstall(model: nn.Module, keep: set[str] = frozenset()) -> None:
     become plain adds and the kept ones are frozen at their eval behaviour.
     """
     ctrl = controller_of(model)
+    hooks = []
+    for module_name, key, gate_name in ctrl.hooks:
+        if gate_name in keep:
+            hooks.append((module_name, key, gate_name))
+        else:
+            model.get_submodule(module_name)._forward_hooks.pop(key, None)
+    ctrl.hooks = hooks
     remaining: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     for owner_name, gate_attrs, branch_attrs in ctrl.installs:
         owner = model.get_submodule(owner_name)

@@ -28,9 +28,11 @@ import torch.nn as nn
 from .errors import NoResidualsError, TraceError
 from .ops import (add_operands, is_add_call, is_drop_module, is_inplace_add, get_attr,
                   shortcut_role, value_kinds)
-from .tracing import FlatTrace, LeafSpec, notrace_module_types, resolve_leaves, trace_model
+from .tracing import (FlatTrace, LeafSpec, notrace_module_types, resolve_leaves, trace_model,
+                      trace_with_example, traceable)
 
 _MAX_SHORTCUT_OPS = 8
+_MAX_AUTO_LEAVES = 64
 _RESHAPES = {"view", "reshape", "expand", "repeat", "permute", "transpose", "flatten", "unsqueeze",
              "squeeze", "contiguous"}
 
@@ -56,6 +58,10 @@ class Residual:
         add_position: which add call of the owner's forward this is (0-based), and
         branch_operand: which operand of that add is the branch (0 or 1); both are used to
             find the add again when the owner is traced on its own.
+        tail: the module whose output is the branch value (used by nothing but the add, e.g. a
+            drop-path slot), or None; a gate can hook it when the owner cannot be rewritten.
+        specialised: found in a trace specialised to an example's sizes (the owner's forward
+            branches on them), so the owner is gated through ``tail``, never rewritten.
     """
 
     name: str
@@ -71,6 +77,8 @@ class Residual:
     drop_modules: tuple[str, ...]
     add_position: int = field(repr=False, default=0)
     branch_operand: int = field(repr=False, default=1)
+    tail: str | None = field(repr=False, default=None)
+    specialised: bool = field(repr=False, default=False)
 
     def __repr__(self) -> str:  # one line, readable in a list
         fold = self.fold_target if self.fold_target else f"<not foldable: {self.fold_blocker}>"
@@ -98,35 +106,88 @@ class Analysis:
     order: list[int] = field(default_factory=list, repr=False)  # graph position of each residual
 
 
-def find_residuals(model: nn.Module, *, leaf_modules: LeafSpec = ()) -> list[Residual]:
+def find_residuals(model: nn.Module, *, leaf_modules: LeafSpec = (),
+                   example: torch.Tensor | None = None) -> list[Residual]:
     """The residual connections of ``model``, in depth order.
 
     Args:
         model: any ``nn.Module`` torch.fx can trace (timm, torchvision, custom).
         leaf_modules: module classes, qualified names or module objects fx must not trace into.
+        example: an input for ``model``, used only to trace modules whose forward branches on
+            tensor sizes (timm's TinyViT blocks), specialised to its sizes; by default a random
+            batch of the model's ``pretrained_cfg["input_size"]``.
 
     Raises:
         TraceError: fx cannot trace the model; the message names the module and how to mark it
             a leaf.
     """
-    return analyse(model, leaf_modules=leaf_modules).residuals
+    return analyse(model, leaf_modules=leaf_modules, example=example).residuals
 
 
-def analyse(model: nn.Module, *, leaf_modules: LeafSpec = ()) -> Analysis:
-    """Trace ``model`` and classify every tensor add (see the module docstring)."""
+def analyse(model: nn.Module, *, leaf_modules: LeafSpec = (),
+            example: torch.Tensor | None = None) -> Analysis:
+    """Trace ``model`` and classify every tensor add (see the module docstring and
+    :func:`find_residuals`)."""
     from .gates import is_converted  # local: gates imports nothing from here, keep it that way
 
     if is_converted(model):
         raise ValueError("the model is already converted (it carries stochastic-depth gates); "
                          "call sdsurgery.fold(model) first, or use sdsurgery.gates(model)")
-    return _analyse_with(model, leaf_modules, None)
+    return _analyse_with(model, leaf_modules, None, _Examples(model, example))
 
 
-def _search_leaves(analysis: Analysis, leaf_modules: LeafSpec) -> None:
+class _Examples:
+    """How modules are called on an example input, recorded in one eval forward pass of the
+    model the first time it is asked (only modules that fx cannot trace need it)."""
+
+    def __init__(self, root: nn.Module, example: torch.Tensor | None):
+        self.root, self.example = root, example
+        self.calls: dict[int, tuple[tuple, dict]] = {}
+        self.wanted: set[int] = set()
+        self.error = ""
+
+    def of(self, module: nn.Module) -> tuple[tuple, dict] | None:
+        """The first call of ``module`` (or of any module inside it: they are recorded along)."""
+        if id(module) not in self.wanted:
+            self.wanted |= {id(m) for m in module.modules()}
+            self._record()
+        return self.calls.get(id(module))
+
+    def _record(self) -> None:
+        self.calls = {}
+        x = self.example
+        if x is None:
+            cfg = getattr(self.root, "pretrained_cfg", None) or getattr(self.root, "default_cfg", None) or {}
+            size = cfg.get("input_size") if isinstance(cfg, dict) else None
+            if not size:
+                self.error = "no example input (pass example=... with an input for the model)"
+                return
+            x = torch.randn(2, *size)
+        wanted, calls = self.wanted, self.calls
+
+        def record(module, args, kwargs):
+            calls.setdefault(id(module), (args, kwargs))
+
+        handles = [m.register_forward_pre_hook(record, with_kwargs=True)
+                   for m in self.root.modules() if id(m) in wanted]
+        try:
+            with torch.no_grad(), traceable(self.root):
+                self.root(x)
+        except Exception as e:
+            self.calls.clear()
+            self.error = f"the example input failed: {type(e).__name__}: {str(e)[:120]}"
+        finally:
+            for h in handles:
+                h.remove()
+
+
+def _search_leaves(analysis: Analysis, leaf_modules: LeafSpec, examples: "_Examples",
+                   auto: set[int] = frozenset()) -> None:
     """Residuals inside modules timm registers as not traceable (NormFreeBlock, MobileVitBlock,
-    ...): trace each such leaf on its own, as it was called, and lift what it holds into
-    ``analysis``. A leaf whose own forward cannot be traced (it branches on tensor sizes) is
-    searched through its children; what stays unsearched is said in ``analysis.rejected``."""
+    ...) and those fx failed on (``auto``): trace each such leaf on its own, as it was called,
+    and lift what it holds into ``analysis``. A leaf whose own forward cannot be traced (it
+    branches on tensor sizes) is traced on an example call, or else searched through its
+    children; what stays unsearched is said in ``analysis.rejected``."""
     ft = analysis.trace
     user_types, user_ids = resolve_leaves(ft.root, leaf_modules)
     user_leaves = list(user_types) + [m for m in ft.modules.values() if id(m) in user_ids]
@@ -136,30 +197,46 @@ def _search_leaves(analysis: Analysis, leaf_modules: LeafSpec) -> None:
         if node.op != "call_module":
             continue
         path, leaf = node.target, ft.modules[node.target]
-        if id(leaf) in user_ids or isinstance(leaf, user_types) or not isinstance(leaf, notrace):
+        if id(leaf) not in auto and (id(leaf) in user_ids or isinstance(leaf, user_types)
+                                     or not isinstance(leaf, notrace)):
             continue
         calls = ft.calls.get(path, [])
         concrete = calls[0].concrete_args(leaf) if len(calls) == 1 else None
-        _search_module(analysis, path, leaf, concrete, user_leaves, pos, found)
+        _search_module(analysis, path, leaf, concrete, user_leaves, pos, found, examples)
     found.sort(key=lambda kr: kr[0])  # depth order: leaves sit where they are called
     analysis.residuals = [replace(r, index=i) for i, (_, r) in enumerate(found)]
     analysis.order = [k for k, _ in found]
 
 
 def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: dict | None,
-                   user_leaves: list, pos: int, found: list[tuple[int, Residual]]) -> None:
+                   user_leaves: list, pos: int, found: list[tuple[int, Residual]],
+                   examples: _Examples) -> None:
     ft = analysis.trace
+    specialised = False
     try:
-        sub = _analyse_with(module, user_leaves, concrete)
+        sub = _analyse_with(module, user_leaves, concrete, examples)
     except TraceError as e:
         why = str(e).split(": ", 2)[-1].split(". Mark it")[0][:140]
-        analysis.rejected.append(RejectedAdd(path, f"leaf {path}", (
-            f"adds in the forward of '{path}' ({type(module).__name__}) were not searched: torch.fx "
-            f"cannot trace it on its own ({why}); its submodules were")))
-        for name, child in module.named_children():
-            if any(True for _ in child.parameters()) and len(list(child.modules())) > 1:
-                _search_module(analysis, f"{path}.{name}", child, None, user_leaves, pos, found)
-        return
+        call = examples.of(module)
+        sub = None
+        if call is not None:  # its forward branches on sizes: specialise to the example's
+            try:
+                sub = _analyse_with(module, user_leaves, None, examples, example_call=call)
+                specialised = True
+            except TraceError as e2:
+                why2 = str(e2).split(": ", 2)[-1].split(". Mark it")[0][:140]
+                why += ", also on an example input" if why2 == why else f"; on an example input: {why2}"
+        elif examples.error:
+            why += f"; {examples.error}"
+        if sub is None:
+            children = [(name, child) for name, child in module.named_children()
+                        if any(True for _ in child.parameters()) and len(list(child.modules())) > 1]
+            analysis.rejected.append(RejectedAdd(path, f"leaf {path}", (
+                f"adds in the forward of '{path}' ({type(module).__name__}) were not searched: "
+                f"torch.fx cannot trace it ({why})" + ("; its submodules were" if children else ""))))
+            for name, child in children:
+                _search_module(analysis, f"{path}.{name}", child, None, user_leaves, pos, found, examples)
+            return
     prefix = path + "."
     for owner, count in sub.add_counts.items():
         analysis.add_counts[prefix + owner if owner else path] = count
@@ -172,23 +249,55 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
     for r in sub.residuals:
         owner = prefix + r.owner if r.owner else path
         mods = tuple(prefix + m for m in r.modules)
+        # In a specialised trace, a block inside the module was called with arguments that may
+        # be sizes of the example: rewriting it would bake them in. The module itself was
+        # called from the unspecialised trace around it.
+        fixed = specialised and bool(r.owner) and not _size_free(sub.trace, r.owner)
         found.append((pos, replace(
             r, owner=owner, modules=mods,
             name=_name(owner, mods, ft.modules, per_owner[r.owner] > 1, r.add_position),
             shortcut_modules=tuple(prefix + m for m in r.shortcut_modules),
             fold_target=prefix + r.fold_target if r.fold_target else None,
             fold_params=tuple(prefix + p for p in r.fold_params),
-            drop_modules=tuple(prefix + m for m in r.drop_modules))))
+            drop_modules=tuple(prefix + m for m in r.drop_modules),
+            tail=prefix + r.tail if r.tail else None,
+            specialised=r.specialised or fixed)))
     analysis.rejected.extend(replace(x, owner=prefix + x.owner if x.owner else path)
                              for x in sub.rejected)
 
 
-def _analyse_with(module: nn.Module, leaf_modules: LeafSpec, concrete: dict | None) -> Analysis:
-    """Trace ``module`` (specialised on ``concrete`` arguments), classify its adds, search its
-    not-traceable leaves."""
-    ft = trace_model(module, leaf_modules, concrete_args=concrete)
+def _size_free(ft: FlatTrace, owner: str) -> bool:
+    """The one call of ``owner`` passed no constant that could be a size (only tensors, None,
+    bools, strings)."""
+    calls = ft.calls.get(owner, [])
+    concrete = calls[0].concrete_args(ft.modules[owner]) if len(calls) == 1 else None
+    return concrete is not None and all(v is None or isinstance(v, (bool, str)) for v in concrete.values())
+
+
+def _analyse_with(module: nn.Module, leaf_modules: LeafSpec, concrete: dict | None,
+                  examples: _Examples, example_call: tuple[tuple, dict] | None = None) -> Analysis:
+    """Trace ``module`` (specialised on ``concrete`` arguments, or on the sizes of
+    ``example_call``), classify its adds, search its not-traceable leaves.
+
+    A submodule fx cannot trace becomes a leaf, and the trace is made again; such leaves are
+    then searched like timm's not-traceable ones (on their own, on an example, or through
+    their children)."""
+    leaves = list(leaf_modules)
+    auto: list[nn.Module] = []
+    while True:
+        try:
+            if example_call is None:
+                ft = trace_model(module, leaves + auto, concrete_args=concrete)
+            else:
+                ft = trace_with_example(module, leaves + auto, *example_call)
+            break
+        except TraceError as e:
+            failed = module.get_submodule(e.module) if e.module else None
+            if failed is None or any(failed is m for m in auto) or len(auto) >= _MAX_AUTO_LEAVES:
+                raise
+            auto.append(failed)
     analysis = _Analyser(ft).run()
-    _search_leaves(analysis, leaf_modules)
+    _search_leaves(analysis, leaf_modules, examples, {id(m) for m in auto})
     return analysis
 
 
@@ -624,10 +733,19 @@ class _Analyser:
                 params=r["params"], fold_target=plan.target, fold_params=plan.params,
                 fold_blocker=plan.blocker,
                 drop_modules=tuple(m for m in branch_modules if is_drop_module(self.modules[m])),
-                add_position=owner_adds[owner].index(n), branch_operand=r["branch_operand"]))
+                add_position=owner_adds[owner].index(n), branch_operand=r["branch_operand"],
+                tail=_tail(r["f"], self.ft)))
         return Analysis(residuals=residuals, rejected=rejected, trace=self.ft,
                         add_counts={o: len(ns) for o, ns in owner_adds.items()},
                         order=[self.index[n] for n, _ in found])
+
+
+def _tail(f: fx.Node, ft: FlatTrace) -> str | None:
+    """The module whose output is the branch value ``f``, when nothing else uses that output
+    and the module is called once."""
+    if f.op == "call_module" and len(f.users) == 1 and len(ft.calls.get(f.target, [])) == 1:
+        return f.target
+    return None
 
 
 def _name(owner: str, branch_modules: tuple[str, ...], modules: dict[str, nn.Module],

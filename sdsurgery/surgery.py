@@ -34,8 +34,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import NoResidualsError
-from .gates import (CONTROLLER_ATTR, MODES, SCALINGS, GateController, StochasticDepthGate,
-                    controller_of, installed_gates)
+from .gates import (CONTROLLER_ATTR, MODES, SCALINGS, GateController, GateHook,
+                    StochasticDepthGate, controller_of, installed_gates)
 from .ops import get_attr, is_add_call, value_kinds
 from .residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_getitems, iter_bits,
                         redirect_inplace_adds, require_residuals, select)
@@ -49,7 +49,8 @@ log = logging.getLogger("sdsurgery")
 def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "linear",
             mode: str = "block", scaling: str = "expectation", gate_projection: bool = True,
             include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
-            seed: int | None = None, leaf_modules: LeafSpec = (), inplace: bool = False) -> nn.Module:
+            seed: int | None = None, leaf_modules: LeafSpec = (), example: torch.Tensor | None = None,
+            inplace: bool = False) -> nn.Module:
     """Give ``model`` stochastic depth: gate every residual branch.
 
     Args:
@@ -69,6 +70,8 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
         include, exclude: glob patterns over residual names (see :func:`find_residuals`).
         seed: seed of the gates' own generator (defaults to ``torch.initial_seed()``-derived).
         leaf_modules: module classes / qualified names fx must not trace into.
+        example: an input for ``model``, only to trace modules whose forward branches on sizes
+            (see :func:`find_residuals`).
         inplace: convert ``model`` itself instead of a deep copy.
 
     Returns:
@@ -84,7 +87,7 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
         raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {', '.join(map(repr, SCALINGS))}, got {scaling!r}")
-    analysis = analyse(model, leaf_modules=leaf_modules)
+    analysis = analyse(model, leaf_modules=leaf_modules, example=example)
     residuals = analysis.residuals
     require_residuals(residuals, model)
     if seed is None:
@@ -109,7 +112,11 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
         more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
         raise NoResidualsError(f"no residual branch could be gated: {skipped[0][0]}: "
                                f"{skipped[0][1]}{more}")
-    for name, why in skipped:
+    unsearched = [(x.owner, x.reason) for x in analysis.rejected if x.node.startswith("leaf ")]
+    for name, why in unsearched:
+        warnings.warn(f"sdsurgery: module {name!r} left as it is: {why}", stacklevel=2)
+    skipped = unsearched + skipped
+    for name, why in skipped[len(unsearched):]:
         warnings.warn(f"sdsurgery: residual {name!r} left ungated: {why}", stacklevel=2)
     masked = [(g.name, g.masked) for p in programs for _, g in p.gates if g.masked]
     if masked:
@@ -157,12 +164,38 @@ def controller(model: nn.Module) -> GateController:
 # ------------------------------------------------------------------------------- programs
 @dataclass
 class _Program:
-    """The rewritten forward of one owner module."""
+    """The rewritten forward of one owner module (or, with ``forward`` None, gates hooked on
+    the output of the modules named in ``hooks``, one per gate)."""
 
     owner: str
-    forward: Callable
+    forward: Callable | None
     branches: list[tuple[str, Callable]] = field(default_factory=list)
     gates: list[tuple[str, StochasticDepthGate]] = field(default_factory=list)
+    hooks: list[str] = field(default_factory=list)
+
+
+def _hook_program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
+                  ctrl: GateController, why: str) -> tuple[list[_Program], list[tuple[str, str]]]:
+    """Gate the residuals of a block that cannot be rewritten at their tail modules (a
+    drop-path slot): the branch is computed and its value masked, as timm's DropPath does."""
+    block = target.get_submodule(owner)
+    prog = _Program(owner=owner, forward=None)
+    skipped = []
+    for r in residuals:
+        attr = f"sd_gate_{len(prog.gates)}"
+        if r.tail is None or attr in block._modules or attr in block.__dict__:
+            skipped.append((r.name, f"block '{owner}' not rewritten: {why}; its branch does not "
+                                    f"end in a module output that a gate could take over"))
+            continue
+        gate = StochasticDepthGate(
+            name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
+            shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
+            fold_blocker=r.fold_blocker, batched=(), sample_fallback=True,
+            drop_modules=r.drop_modules,
+            masked=f"{why}: gated at the output of '{r.tail}'")
+        prog.gates.append((attr, gate))
+        prog.hooks.append(r.tail)
+    return ([prog] if prog.gates else []), skipped
 
 
 class _Skip(Exception):
@@ -171,6 +204,10 @@ class _Skip(Exception):
     def __init__(self, message: str, residual: str | None = None):
         super().__init__(message)
         self.residual = residual
+
+
+class _Untraceable(_Skip):
+    """A block's own forward cannot be traced: its residuals can only be gated at a tail module."""
 
 
 class _Shared(_Skip):
@@ -186,10 +223,21 @@ def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], prob
     programs, skipped = [], []
     cache: dict[Any, _Rewrite] = {}
     for owner, rs in by_owner.items():
+        if any(r.specialised for r in rs):
+            hooked, why = _hook_program(target, owner, rs, probs, ctrl, (
+                "its block's forward depends on input sizes (traced on an example)"))
+            programs.extend(hooked)
+            skipped.extend(why)
+            continue
         while rs:
             try:
                 programs.append(_program(target, owner, rs, probs, ctrl, ft,
                                          analysis.add_counts.get(owner, 0), cache))
+                break
+            except _Untraceable as e:
+                hooked, why = _hook_program(target, owner, rs, probs, ctrl, str(e))
+                programs.extend(hooked)
+                skipped.extend(why)
                 break
             except _Skip as e:
                 if e.residual is None or len(rs) == 1:
@@ -311,8 +359,9 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
                             f"and eval")
     except _Skip:
         raise
-    except Exception as e:  # the flat trace worked, so this is unexpected
-        raise _Skip(f"cannot trace '{owner}' on its own: {type(e).__name__}: {e}") from None
+    except Exception as e:  # e.g. the forward branches on sizes (found in a specialised trace)
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise _Untraceable(f"cannot trace '{owner}' on its own: {type(e).__name__}: {first}") from None
 
     redirect_inplace_adds(graph)
     drop_dead_getitems(graph)
@@ -470,7 +519,11 @@ def _install(target: nn.Module, programs: list[_Program], ctrl: GateController,
             ctrl.gates.append(gate)
         for attr, fn in prog.branches:
             block.__dict__[attr] = types.MethodType(fn, block)
-        block.__dict__["forward"] = types.MethodType(prog.forward, block)
+        if prog.forward is not None:
+            block.__dict__["forward"] = types.MethodType(prog.forward, block)
+        for (_, gate), tail in zip(prog.gates, prog.hooks):
+            handle = target.get_submodule(tail).register_forward_hook(GateHook(gate))
+            ctrl.hooks.append((tail, handle.id, gate.name))
         ctrl.installs.append((prog.owner, tuple(a for a, _ in prog.gates),
                               tuple(a for a, _ in prog.branches)))
     ctrl.gates.sort(key=lambda g: g.index)

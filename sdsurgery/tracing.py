@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -105,6 +106,94 @@ class _SurgeryTracer(fx.Tracer):
             raise
 
 
+class _ShapedProxy(fx.Proxy):
+    """A proxy that answers size questions with the example's sizes (see :func:`trace_with_example`)."""
+
+    def _example(self):
+        return self.node.meta.get("example")
+
+    @property
+    def shape(self):
+        v = self._example()
+        return v.shape if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "shape")
+
+    @property
+    def ndim(self):
+        v = self._example()
+        return v.ndim if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "ndim")
+
+    @property
+    def dtype(self):
+        v = self._example()
+        return v.dtype if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "dtype")
+
+    @property
+    def device(self):
+        v = self._example()
+        return v.device if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "device")
+
+    def size(self, *dim):
+        v = self._example()
+        return v.size(*dim) if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "size")(*dim)
+
+    def dim(self):
+        v = self._example()
+        return v.dim() if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "dim")()
+
+    def __len__(self):
+        v = self._example()
+        if isinstance(v, (torch.Tensor, tuple, list)):
+            return len(v)
+        return super().__len__()
+
+    def __iter__(self):
+        v = self._example()
+        if isinstance(v, (tuple, list)):
+            return iter([self[i] for i in range(len(v))])
+        return super().__iter__()
+
+
+class _ShapeTracer(_SurgeryTracer):
+    """Runs every traced op on example values as it records it: sizes become constants, so a
+    forward that branches on them (``if H == self.window_size``) traces, specialised to them."""
+
+    def __init__(self, *args, examples: dict[str, Any]):
+        super().__init__(*args)
+        self.examples = examples
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _ShapedProxy(node, self)
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["example"] = self._run(node)
+        return node
+
+    def _run(self, node: fx.Node):
+        def value(a):
+            return fx.node.map_arg(a, lambda n: n.meta.get("example"))
+        args, kwargs = value(node.args), value(node.kwargs)
+        # fx patches Module.__call__ / __getattr__ and wrapped functions while tracing: run
+        # the example outside those patches (private helper of torch.fx, torch is pinned).
+        from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+        with torch.no_grad(), _maybe_revert_all_patches():
+            if node.op == "placeholder":
+                return self.examples.get(str(node.target).lstrip("*"))
+            if node.op == "get_attr":
+                obj = self.root
+                for part in str(node.target).split("."):
+                    obj = getattr(obj, part)
+                return obj
+            if node.op == "call_function":
+                return node.target(*args, **kwargs)
+            if node.op == "call_method":
+                return getattr(args[0], node.target)(*args[1:], **kwargs)
+            if node.op == "call_module":
+                return self.root.get_submodule(node.target)(*args, **kwargs)
+        return None
+
+
 class _BlockTracer(fx.Tracer):
     """Traces one module's own forward: every child module is a leaf."""
 
@@ -187,12 +276,17 @@ def notrace_module_types() -> tuple[type, ...]:
 
 
 def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),
-                concrete_args: dict[str, Any] | None = None) -> FlatTrace:
-    """Trace ``model`` flat, in eval mode. Raises :class:`TraceError` naming the failing module."""
+                concrete_args: dict[str, Any] | None = None,
+                examples: dict[str, Any] | None = None) -> FlatTrace:
+    """Trace ``model`` flat, in eval mode. Raises :class:`TraceError` naming the failing module.
+    With ``examples`` (tensor arguments by name), see :func:`trace_with_example`."""
     timm_leaves, timm_fns = _timm_notrace()
     user_types, user_ids = resolve_leaves(model, leaf_modules)
     leaf_types = tuple(dict.fromkeys(timm_leaves + extra_identity_modules() + user_types))
-    tracer = _SurgeryTracer(leaf_types, user_ids, timm_fns)
+    if examples is None:
+        tracer = _SurgeryTracer(leaf_types, user_ids, timm_fns)
+    else:
+        tracer = _ShapeTracer(leaf_types, user_ids, timm_fns, examples=examples)
     with traceable(model):
         try:
             graph = tracer.trace(model, concrete_args=concrete_args or None)
@@ -206,6 +300,21 @@ def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),
     return FlatTrace(root=model, graph=graph, modules=dict(model.named_modules()),
                      calls=tracer.calls, leaf_types=leaf_types, leaf_ids=user_ids,
                      autowrap_functions=timm_fns)
+
+
+def trace_with_example(module: nn.Module, leaf_modules: LeafSpec, args: tuple,
+                       kwargs: dict) -> FlatTrace:
+    """Like :func:`trace_model`, specialised to one call ``module(*args, **kwargs)``: tensor
+    sizes read in the forward are those of the example (for forwards that branch on them).
+    The graph is valid for that call's shapes only: it is for analysis, not for running."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise TraceError(f"cannot bind the example call of {type(module).__name__}: {e}") from e
+    bound.apply_defaults()
+    concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
+    examples = {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+    return trace_model(module, leaf_modules, concrete_args=concrete, examples=examples)
 
 
 def trace_block(block: nn.Module, concrete_args: dict[str, Any] | None,

@@ -142,13 +142,105 @@ class _HasUntraceable(nn.Module):
         return self.odd(self.block(x))
 
 
-def test_untraceable_module_is_named_with_the_leaf_fix():
-    with pytest.raises(sdsurgery.TraceError) as info:
-        sdsurgery.find_residuals(_HasUntraceable())
-    assert info.value.module == "odd"
-    assert "'odd' (_Untraceable)" in str(info.value) and "leaf_modules=['odd']" in str(info.value)
-    assert [r.name for r in sdsurgery.find_residuals(_HasUntraceable(), leaf_modules=["odd"])] == ["block"]
-    assert len(sdsurgery.find_residuals(_HasUntraceable(), leaf_modules=[_Untraceable])) == 1
+def test_an_untraceable_module_is_left_as_a_leaf_and_named():
+    an = sdsurgery.analyse(_HasUntraceable())
+    assert [r.name for r in an.residuals] == ["block"]
+    odd, = [x for x in an.rejected if x.node == "leaf odd"]
+    assert "'odd' (_Untraceable) were not searched" in odd.reason
+    assert "control flow" in odd.reason and "pass example=" in odd.reason
+    with pytest.warns(UserWarning, match="module 'odd' left as it is: .*not searched"):
+        converted = sdsurgery.convert(_HasUntraceable())
+    assert [g.name for g in sdsurgery.gates(converted)] == ["block"]
+    # named as a leaf, it is not searched and not reported
+    an = sdsurgery.analyse(_HasUntraceable(), leaf_modules=["odd"])
+    assert [r.name for r in an.residuals] == ["block"] and not any(x.owner == "odd" for x in an.rejected)
+
+
+class _RootUntraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Block(3, 3)
+
+    def forward(self, x):
+        return self.block(x) if x.sum() > 0 else x
+
+
+def test_an_untraceable_root_forward_is_a_trace_error():
+    with pytest.raises(sdsurgery.TraceError, match="the model's own forward") as info:
+        sdsurgery.find_residuals(_RootUntraceable())
+    assert info.value.module == ""
+
+
+class _SizeBranching(nn.Module):
+    """A block whose forward branches on the input size (as timm's TinyViT blocks do), with a
+    drop-path slot at the end of each branch."""
+
+    def __init__(self, c=8, window=4):
+        super().__init__()
+        self.window = window
+        self.attn = nn.Linear(c, c)
+        self.drop_path1 = nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, c))
+        self.drop_path2 = nn.Identity()
+
+    def forward(self, x):  # B, H, W, C
+        B, H, W, C = x.shape
+        shortcut = x
+        if H == self.window:
+            y = self.attn(x.reshape(B, H * W, C)).view(B, H, W, C)
+        else:
+            y = self.attn(x)
+        x = shortcut + self.drop_path1(y)
+        return x + self.drop_path2(self.mlp(x))
+
+
+class _SizeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.blocks = nn.Sequential(_SizeBranching(), _SizeBranching())
+
+    def forward(self, x):
+        return self.blocks(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2))
+
+
+def test_size_branching_blocks_are_traced_on_an_example_and_gated_at_their_slots():
+    model = _SizeNet().eval()
+    x = torch.randn(2, 3, 4, 4)
+    an = sdsurgery.analyse(model, example=x)
+    assert [r.name for r in an.residuals] == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
+    assert [r.tail for r in an.residuals][:2] == ["blocks.0.drop_path1", "blocks.0.drop_path2"]
+    with pytest.warns(UserWarning, match="gated by masking"):
+        converted = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x)
+    gates = sdsurgery.gates(converted)
+    assert len(gates) == 4 and all("on its own" in g.masked and "gated at the output of" in g.masked for g in gates)
+    with torch.no_grad():
+        ref = converted.eval()(x)
+        # eval: each branch scaled by its survival probability
+        b = model.blocks[0]
+        h = model.stem(x).permute(0, 2, 3, 1)
+        p = [g.drop_prob for g in gates]
+        y = h + (1 - p[0]) * b.attn(h.reshape(2, 16, 8)).view(2, 4, 4, 8)
+        y = y + (1 - p[1]) * b.mlp(y)
+        b = model.blocks[1]
+        z = y + (1 - p[2]) * b.attn(y.reshape(2, 16, 8)).view(2, 4, 4, 8)
+        z = z + (1 - p[3]) * b.mlp(z)
+        assert torch.allclose(ref, z.mean((1, 2)), atol=1e-5)
+        # another input size takes the other path of the forward, still gated
+        assert converted(torch.randn(1, 3, 6, 6)).shape == (1, 8)
+        # a dropped branch adds nothing: last block's MLP dropped
+        gates[3].drop_prob = 0.999999
+        for g in gates[:3]:
+            g.drop_prob = 0.0
+        y = model.blocks[0](model.stem(x).permute(0, 2, 3, 1))  # the original, ungated
+        z = y + model.blocks[1].attn(y.reshape(2, 16, 8)).view(2, 4, 4, 8)
+        assert torch.allclose(converted.train()(x), z.mean((1, 2)), atol=1e-6)
+    gates[3].drop_prob = 0.3
+    folded = sdsurgery.fold(converted).eval()
+    assert type(folded.blocks[0]) is _SizeBranching and not sdsurgery.is_converted(folded)
+    with torch.no_grad():
+        assert torch.allclose(folded(x), converted.eval()(x), atol=1e-5)
+        assert not folded.blocks[1].drop_path2._forward_hooks
 
 
 def test_no_residuals_is_an_error():
@@ -384,11 +476,19 @@ def test_residuals_inside_timm_leaves_are_found_gated_and_folded():
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
-def test_leaf_that_cannot_be_traced_alone_is_searched_through_its_children_and_reported():
-    model = timm.create_model("tiny_vit_5m_224", pretrained=False).eval()
-    an = sdsurgery.analyse(model)
-    unsearched = [r for r in an.rejected if "were not searched" in r.reason]
-    assert {r.owner for r in unsearched} == {f"stages.{s}.blocks.{b}" for s, n in ((1, 2), (2, 6), (3, 2))
-                                               for b in range(n)}
-    assert "TinyVitBlock" in unsearched[0].reason
-    assert len(an.residuals) == 2  # the MBConv blocks of stage 0, outside any leaf
+def test_timm_leaves_that_branch_on_sizes_are_traced_on_an_example():
+    model = timm.create_model("tiny_vit_5m_224", pretrained=False).eval()  # TinyVitBlock: a leaf
+    x = torch.randn(1, 3, 224, 224)
+    an = sdsurgery.analyse(model, example=x)
+    assert not [r for r in an.rejected if "were not searched" in r.reason]
+    assert len(an.residuals) == 22  # 2 MBConv blocks + 10 TinyVitBlocks x (attention, MLP)
+    tails = [r.tail for r in an.residuals if r.owner == "stages.1.blocks.0"]
+    assert tails == ["stages.1.blocks.0.drop_path1", "stages.1.blocks.0.drop_path2"]
+    with pytest.warns(UserWarning, match="masking"):
+        conv = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x)
+    assert len(sdsurgery.gates(conv)) == 22
+    conv.train()(x).mean().backward()
+    with torch.no_grad():
+        ref = conv.eval()(x)
+        out = sdsurgery.fold(conv)(x)
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
