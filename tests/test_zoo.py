@@ -25,6 +25,13 @@ EXACT = {
     # pooling token mixer (pool(x) - x), a residual in series inside a block's branch, a
     # transformer on a side path inside one
     "efficientformer": "efficientformer_l1", "edgenext": "edgenext_small", "csatv2": "csatv2",
+    # x + bn(dwconv(x)) token mixers (iformer, shvit, efficientvit_msra); branches gated by
+    # masking (coat, mvitv2, dpn, rexnet); unslotted residual blocks (gcvit,
+    # efficientformer_v2, efficientvim); size-branching blocks traced on an example (tiny_vit)
+    "iformer": "iformer_s", "shvit": "shvit_s1", "efficientvit_msra": "efficientvit_m0",
+    "coat": "coat_tiny", "mvitv2": "mvitv2_tiny", "dpn": "dpn68", "rexnet": "rexnet_100",
+    "gcvit": "gcvit_tiny", "efficientformer_v2": "efficientformerv2_s0", "efficientvim": "efficientvim_m1",
+    "tiny_vit": "tiny_vit_5m_224",
 }
 
 
@@ -83,9 +90,10 @@ def test_zoo_table():
     tv_rows = [run("torchvision", n, lambda n=n: check_torchvision(n)) for n in tv_names]
 
     def table(rows):
-        out = ["| family | model | found / expected | foldable | status | reason |", "|---|---|---|---|---|---|"]
-        out += [f"| {r.family} | {r.model} | {r.found} / {r.expected} | {r.foldable} | {r.status} | {r.reason} |"
-                for r in rows]
+        out = ["| family | model | found / expected | foldable | masked | status | reason |",
+               "|---|---|---|---|---|---|---|"]
+        out += [f"| {r.family} | {r.model} | {r.found} / {r.expected} | {r.foldable} | {r.masked} | "
+                f"{r.status} | {r.reason} |" for r in rows]
         return out
 
     ok_timm = sum(r.status == "ok" for r in timm_rows)

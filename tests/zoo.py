@@ -16,11 +16,14 @@
 * torchvision: the blocks each architecture documents (``TV_BLOCKS``), or calls of its
   ``stochastic_depth`` / ``stochastic_dropout`` slots where it has them.
 
-A row is ``ok`` when ``find_residuals`` finds exactly as many residuals as the oracle, in the
+A row is ``ok`` (exact) when ``find_residuals`` finds exactly as many residuals as the oracle, in the
 same blocks, a block-mode training step at drop rate 0.9 runs forward and backward, and the
 folded model reproduces the gated model's eval output (relative error <= 1e-4, with layer
 scales, norms and heads randomised so that every branch counts). ``foldable`` is how many
-branches fold into existing weights with no leftover scale.
+branches fold into existing weights with no leftover scale. ``masked`` is how many are gated by
+masking their value (their block needs it anyway, or the block's forward cannot be rewritten):
+they are dropped as the others, but a drop saves no compute. ``no oracle`` rows (NASNet,
+PNASNet) have no reference count; they check that what is found gates and folds.
 """
 from __future__ import annotations
 
@@ -193,7 +196,17 @@ class ZooRow:
     status: str
     reason: str
     seconds: float
+    masked: int = 0
 
+
+# Families with no reference count: their cells sum pairs of operations (NASNet, PNASNet). timm
+# has no drop-path slot for them, and the papers' ScheduledDropPath drops every operation of
+# every sum, a different regulariser from dropping residual branches. Their rows say what
+# sdsurgery finds and check that it gates and folds; they do not count as exact.
+NO_ORACLE = {
+    "nasnet": "NAS cells sum pairs of operations; no reference says which sums are residuals",
+    "pnasnet": "NAS cells sum pairs of operations; no reference says which sums are residuals",
+}
 
 # Families whose default input is too large for a CPU train step (gemma4_vit: 768 px).
 ZOO_INPUT = {"gemma4_vit": (3, 224, 224)}
@@ -206,6 +219,15 @@ def check(family: str, name: str, tolerance: float = 1e-4) -> ZooRow:
     size = ZOO_INPUT.get(family) or timm.create_model(name, pretrained=False).pretrained_cfg.get(
         "input_size", (3, 224, 224))
     x = torch.randn(2, *size)
+    if family in NO_ORACLE:
+        model = timm.create_model(name, pretrained=False).eval()
+        _randomize(model)
+        residuals = sdsurgery.find_residuals(model, example=x)
+        row = ZooRow(family, name, len(residuals), -1, sum(r.fold_target is not None for r in residuals),
+                     "no oracle", NO_ORACLE[family], 0.0)
+        _step_and_fold(model, x, row, tolerance)
+        row.seconds = time.perf_counter() - t0
+        return row
     if family in STRUCTURAL:
         model = timm.create_model(name, pretrained=False).eval()
         expected, slot_owners = count_calls(model, x, STRUCTURAL[family])
@@ -318,6 +340,7 @@ def _step_and_fold(model: nn.Module, x: torch.Tensor, row: ZooRow, tolerance: fl
         warnings.simplefilter("always")
         converted = sdsurgery.convert(model, drop_rate=0.9, schedule="uniform", seed=0, example=x)
     gated = len(sdsurgery.gates(converted))
+    row.masked = sum(bool(g.masked) for g in sdsurgery.gates(converted))
     if gated != row.found:
         first = next((str(w.message) for w in caught if "sdsurgery" in str(w.message)), "")
         row.status, row.reason = "gated", f"{gated} of {row.found} gated; {first[:200]}".replace("|", "/")
