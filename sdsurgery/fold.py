@@ -8,8 +8,8 @@ and computes the same thing with no overhead.
 The last affine layer is found by walking back from the branch output through operations that
 commute with a positive scale (ReLU, dropout, pooling, reshapes, zero padding, positive
 constants, ...) to the first layer whose output is linear in its parameters: conv / linear
-weight and bias, BatchNorm / LayerNorm / GroupNorm affine, a layer-scale parameter, an
-attention output projection. Anything else on the way (GELU, SiLU, a squeeze-excite gate, a
+weight and bias, BatchNorm / LayerNorm / GroupNorm affine, an RMSNorm weight, a layer-scale
+parameter, an attention output projection. Anything else on the way (GELU, SiLU, a squeeze-excite gate, a
 norm without affine parameters, a weight-standardised conv) blocks the fold, with the reason.
 """
 from __future__ import annotations
@@ -69,7 +69,7 @@ _PASS_METHODS = {"view", "reshape", "permute", "transpose", "contiguous", "flatt
 _AFFINE_FUNCTIONS: dict[object, tuple[str, ...]] = {
     F.linear: ("weight", "bias"), F.conv1d: ("weight", "bias"), F.conv2d: ("weight", "bias"),
     F.conv3d: ("weight", "bias"), F.batch_norm: ("weight", "bias"),
-    F.layer_norm: ("weight", "bias"), F.group_norm: ("weight", "bias"),
+    F.layer_norm: ("weight", "bias"), F.group_norm: ("weight", "bias"), F.rms_norm: ("weight",),
 }
 _AFFINE_FUNCTION_NAMES = {"shifted_window_attention": ("proj_weight", "proj_bias")}
 _STANDARD_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward,
@@ -107,6 +107,11 @@ def _module_affine_params(m: nn.Module, name: str) -> tuple[str, ...]:
                                f"{type(getattr(m, 'act', None)).__name__} after the norm, which "
                                f"does not commute with a scale")
         return with_bias()
+    if isinstance(m, nn.RMSNorm) or type(m).__module__ == "timm.layers.norm" and \
+            cls.startswith(("RmsNorm", "SimpleNorm")):  # x / rms(x) * weight: linear in weight
+        if not isinstance(getattr(m, "weight", None), nn.Parameter):
+            raise _Blocked(f"its last layer '{name}' ({cls}) is a norm without affine parameters")
+        return (f"{name}.weight",)
     raise KeyError
 
 

@@ -149,6 +149,10 @@ class _Examples:
     def of(self, module: nn.Module) -> tuple[tuple, dict] | None:
         """The first call of ``module`` (or of any module inside it: they are recorded along)."""
         if id(module) not in self.wanted:
+            if not self.wanted:  # one pass for all of timm's not-traceable modules
+                notrace = notrace_module_types()
+                self.wanted = {id(m) for leaf in self.root.modules() if isinstance(leaf, notrace)
+                               for m in leaf.modules()}
             self.wanted |= {id(m) for m in module.modules()}
             self._record()
         return self.calls.get(id(module))

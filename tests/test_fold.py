@@ -113,3 +113,29 @@ def test_fold_inplace_and_drop_rate_zero():
     assert folded is converted and not sdsurgery.is_converted(folded)
     for (k, a), b in zip(model.state_dict().items(), folded.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+class _RmsSandwich(nn.Module):
+    """Branches ending in an RMSNorm (Gemma's sandwich norms): torch's and timm's."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        from timm.layers import RmsNorm
+        self.f1, self.n1 = nn.Linear(c, c), nn.RMSNorm(c)
+        self.f2, self.n2 = nn.Linear(c, c), RmsNorm(c)
+
+    def forward(self, x):
+        x = x + self.n1(self.f1(x))
+        return x + self.n2(self.f2(x))
+
+
+def test_branches_ending_in_rms_norm_fold_into_its_weight():
+    model = _RmsSandwich().eval()
+    with torch.no_grad():
+        for n in (model.n1, model.n2):
+            n.weight.uniform_(0.5, 1.5)
+    assert [r.fold_target for r in sdsurgery.find_residuals(model)] == ["n1", "n2"]
+    converted = sdsurgery.convert(model, drop_rate=0.5).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        assert _rel(sdsurgery.fold(converted)(x), converted(x)) <= 1e-5
