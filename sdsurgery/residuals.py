@@ -586,10 +586,16 @@ class _Analyser:
             # CoaT, Twins): the model's position information, always on. With a norm,
             # x + bn(dwconv(x)) is a token-mixing layer that its architectures train with
             # stochastic depth (EfficientViT-MSRA, SHViT, iFormer, EfficientViM): a block.
-            if mixing and all(self._depthwise(n) for n in mixing) and \
-                    not any(_is_norm(n, self.modules) for n in branch):
-                return ("the branch is linear, depthwise convs with no norm: a conv position encoding "
-                        "(x + dwconv(x), CPE), not a block")
+            # A sum of several depthwise linear maps (RepViT's conv(x) + conv1(x) + x,
+            # FastViT's x + s * (bn(dwconv(x)) - bn(x))) is one re-parameterisable layer.
+            if mixing and all(self._depthwise(n) for n in mixing):
+                if not any(_is_norm(n, self.modules) for n in branch):
+                    return ("the branch is linear, depthwise convs with no norm: a conv position "
+                            "encoding (x + dwconv(x), CPE), not a block")
+                if self._linear_terms(f, fork) > 1:
+                    return ("the branch is a sum of depthwise linear maps of the shortcut's input: "
+                            "one re-parameterisable layer (e.g. RepViT's RepVggDw, FastViT's "
+                            "RepMixer), not a block")
         # split-and-sum (Res2Net, EdgeNeXt): the shortcut takes one part of the fork, the
         # branch computed another part.
         first = chain[-1][0] if chain else None
@@ -643,6 +649,23 @@ class _Analyser:
                 mixing.append(cur)
             cur = ins[0]
         return mixing
+
+    def _linear_terms(self, f: fx.Node, fork: fx.Node, depth: int = 0) -> int:
+        """How many terms of the linear sum ``f`` (see :meth:`_linear_mixing`) are not the fork
+        itself: ``dw(x) - x`` has one, ``dw(x) + conv1(x)`` and ``dw(x) - bn(x)`` have two."""
+        cur, identity = f, True
+        while cur is not fork and depth <= 2 * _MAX_SHORTCUT_OPS:
+            depth += 1
+            ops = add_operands(cur, self.kinds) or _sub_operands(cur, self.kinds)
+            if ops is not None:
+                return sum(self._linear_terms(o, fork, depth) for o in ops)
+            ins = self._data_inputs(cur)
+            if self._linear_role(cur, ins) != "identity":
+                identity = False
+            if len(ins) != 1:
+                break
+            cur = ins[0]
+        return 0 if identity else 1
 
     def _depthwise(self, n: fx.Node) -> bool:
         m = self.modules.get(n.target) if n.op == "call_module" else None

@@ -284,6 +284,27 @@ class _ConvPosEncBlock(nn.Module):
         return t + self.lin(t)
 
 
+class _DepthwiseSums(nn.Module):
+    """RepViT's RepVggDw (x + [bn(dw3(x)) + dw1(x)]) and FastViT's RepMixer
+    (x + s * (bn(dw(x)) - bn(x))) are one re-parameterisable layer each; EfficientViM's
+    x + a * (bn(dw(x)) - x) is a token-mixing block."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        dw = lambda k: nn.Conv2d(c, c, k, padding=k // 2, groups=c)  # noqa: E731
+        self.rep = nn.Sequential(dw(3), nn.BatchNorm2d(c))
+        self.rep1 = dw(1)
+        self.mixer, self.norm = nn.Sequential(dw(3), nn.BatchNorm2d(c)), nn.BatchNorm2d(c)
+        self.scale = nn.Parameter(torch.full((c, 1, 1), 0.5))
+        self.vim = nn.Sequential(dw(3), nn.BatchNorm2d(c))
+        self.alpha = nn.Parameter(torch.ones(2))
+
+    def forward(self, x):
+        x = x + (self.rep(x) + self.rep1(x))
+        x = x + self.scale * (self.mixer(x) - self.norm(x))
+        return x + self.alpha.softmax(0)[0] * (self.vim(x) - x)
+
+
 class _RepBranches(nn.Module):
     """RepVGG's training-time form: two linear convs of one input summed, then the identity."""
 
@@ -421,6 +442,7 @@ class _Blocks(nn.Module):
 
 @pytest.mark.parametrize("model, inp, expected, reason", [
     (_ConvPosEncBlock(), (1, 8, 4, 4), 3, "conv position encoding"),
+    (_DepthwiseSums(), (1, 8, 4, 4), 1, "sum of depthwise linear maps"),
     (_RepBranches(), (1, 8, 4, 4), 1, "multi-branch conv"),
     (_SplitSum(), (1, 8, 4, 4), 0, "split-and-sum"),
     (_SizedPosEmbed(), (1, 5, 8), 0, "share no input"),

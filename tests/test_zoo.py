@@ -32,6 +32,9 @@ EXACT = {
     "coat": "coat_tiny", "mvitv2": "mvitv2_tiny", "dpn": "dpn68", "rexnet": "rexnet_100",
     "gcvit": "gcvit_tiny", "efficientformer_v2": "efficientformerv2_s0", "efficientvim": "efficientvim_m1",
     "tiny_vit": "tiny_vit_5m_224",
+    # sums of depthwise linear maps are one layer, not a block (the other side of the
+    # x + bn(dwconv(x)) rule)
+    "fastvit": "fastvit_s12", "repvit": "repvit_m1",
 }
 
 
