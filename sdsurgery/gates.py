@@ -138,8 +138,10 @@ class StochasticDepthGate(nn.Module):
                 f"scaling={self.scaling}" + (", masked" if self.masked else "")
                 + (", frozen" if self.frozen else ""))
 
-    def forward(self, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor,
+    def forward(self, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor | None,
                 *inputs: Any) -> torch.Tensor:
+        if shortcut is None:  # a value the block adds in parts (ReXNet's slices): masked
+            return self.mask(branch(*inputs))
         p = self.drop_prob
         if p == 0.0:
             return shortcut + branch(*inputs)

@@ -23,6 +23,7 @@ import copy
 import inspect
 import linecache
 import logging
+import operator
 import types
 import uuid
 import warnings
@@ -369,6 +370,7 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
     if len(adds) != add_count:
         raise _Skip(f"'{owner}' traced alone shows {len(adds)} adds, the full trace {add_count}")
     kinds = value_kinds(graph, block)
+    order = {n: i for i, n in enumerate(graph.nodes)}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     used = set(block._modules) | set(block.__dict__)
     out = _Rewrite(forward=None, branches=[], gate_attrs=[], batched=[], fallback=[],  # type: ignore[arg-type]
@@ -384,6 +386,24 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
             branch_fn, inputs, branch = _cut_branch(graph, block, add, f, s, r, placeholders)
             out.masked.append(None)
         except _Shared as e:
+            whole = _sliced_back(add, f)
+            if whole is not None:
+                # cat([x[:, :C] + s, x[:, C:]]) (ReXNet): mask all of x, as a drop-path on x
+                # does, and keep the add; the gate is called without a shortcut.
+                first = min(whole.users, key=lambda u: order[u])
+                users = list(whole.users)
+                with graph.inserting_before(first):
+                    fn_node = graph.get_attr(fn_attr)
+                    gate_node = graph.call_module(gate_attr, (fn_node, None, whole))
+                for u in users:
+                    u.replace_input_with(whole, gate_node)
+                out.masked.append(f"{e}: it is a slice of a value concatenated back, so all of "
+                                  f"that value is masked")
+                out.batched.append((False,))
+                out.fallback.append(True)
+                out.branches.append((fn_attr, _passthrough()))
+                out.gate_attrs.append(gate_attr)
+                continue
             # The block computes the branch anyway: the gate takes its value and masks it.
             branch_fn, inputs, branch = _passthrough(), [f], []
             out.masked.append(str(e))
@@ -455,6 +475,22 @@ def _cut_branch(graph: fx.Graph, block: nn.Module, add: fx.Node, f: fx.Node, s: 
         env[n] = sub.node_copy(n, lambda x: env[x])
     sub.output(env[f])
     return _compile(sub, f"branch {r.name}"), inputs, branch
+
+
+def _sliced_back(add: fx.Node, f: fx.Node) -> fx.Node | None:
+    """``x`` when the branch operand ``f`` is a slice of ``x`` and the add is concatenated
+    back with the other slices of ``x``: ``cat([x[:, :C] + s, x[:, C:]])``."""
+    if not (f.op == "call_function" and f.target is operator.getitem and isinstance(f.args[0], fx.Node)):
+        return None
+    whole = f.args[0]
+    users = list(add.users)
+    if len(users) != 1 or users[0].op != "call_function" or users[0].target is not torch.cat:
+        return None
+    parts = users[0].args[0] if users[0].args else users[0].kwargs.get("tensors")
+    others = [u for u in whole.users if u is not f]
+    if not others or not all(u.op == "call_function" and u.target is operator.getitem for u in others):
+        return None
+    return whole if isinstance(parts, (list, tuple)) and set(parts) == {add, *others} else None
 
 
 def _passthrough() -> Callable:

@@ -378,3 +378,34 @@ def test_a_branch_the_block_needs_anyway_is_masked_not_skipped():
     out = sampled(torch.randn(16, 6, requires_grad=True))
     out.sum().backward()
     assert out.shape == (16, 6) and sampled.block.f1.weight.grad is not None
+
+
+class _SliceAdd(nn.Module):
+    """ReXNet's block: the branch widens the channels, the shortcut is added to the first ones:
+    cat([y[:, :C] + x, y[:, C:]])."""
+
+    def __init__(self, c=4, out=6):
+        super().__init__()
+        self.c = c
+        self.conv = nn.Sequential(nn.Conv2d(c, out, 3, padding=1), nn.BatchNorm2d(out))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return torch.cat([y[:, :self.c] + x, y[:, self.c:]], dim=1)
+
+
+def test_a_slice_add_masks_the_whole_branch_as_a_drop_path_would():
+    model = nn.Sequential(_SliceAdd()).eval()
+    with pytest.warns(UserWarning, match="masking.*concatenated back"):
+        converted = sdsurgery.convert(model, drop_rate=0.5, schedule="uniform", seed=0)
+    gate, = sdsurgery.gates(converted)
+    x = torch.randn(2, 4, 5, 5)
+    with torch.no_grad():
+        y = model[0].conv(x)
+        padded = torch.cat([x, torch.zeros(2, 2, 5, 5)], 1)
+        assert torch.allclose(converted.eval()(x), padded + 0.5 * y, atol=1e-6)
+        gate.drop_prob = 0.999999
+        assert torch.equal(converted[0].train()(x), padded)  # dropped: shortcut, zero new channels
+        gate.drop_prob = 0.5
+        ref = converted.eval()(x)  # BatchNorm statistics moved in the training call
+        assert torch.allclose(sdsurgery.fold(converted, keep_scale=True)(x), ref, atol=1e-6)
