@@ -112,25 +112,14 @@ class _ShapedProxy(fx.Proxy):
     def _example(self):
         return self.node.meta.get("example")
 
-    @property
-    def shape(self):
-        v = self._example()
-        return v.shape if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "shape")
+    def _concrete(attr: str):  # noqa: N805 - a property factory used in the class body
+        def get(self):
+            v = self._example()
+            return getattr(v, attr) if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, attr)
+        return property(get)
 
-    @property
-    def ndim(self):
-        v = self._example()
-        return v.ndim if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "ndim")
-
-    @property
-    def dtype(self):
-        v = self._example()
-        return v.dtype if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "dtype")
-
-    @property
-    def device(self):
-        v = self._example()
-        return v.device if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "device")
+    shape, ndim, dtype, device = _concrete("shape"), _concrete("ndim"), _concrete("dtype"), _concrete("device")
+    del _concrete
 
     def size(self, *dim):
         v = self._example()
