@@ -219,52 +219,64 @@ def check(family: str, name: str, tolerance: float = 1e-4) -> ZooRow:
     size = ZOO_INPUT.get(family) or timm.create_model(name, pretrained=False).pretrained_cfg.get(
         "input_size", (3, 224, 224))
     x = torch.randn(2, *size)
+    note = ""
     if family in NO_ORACLE:
         model = timm.create_model(name, pretrained=False).eval()
-        _randomize(model)
-        residuals = sdsurgery.find_residuals(model, example=x)
-        row = ZooRow(family, name, len(residuals), -1, sum(r.fold_target is not None for r in residuals),
-                     "no oracle", NO_ORACLE[family], 0.0)
-        _step_and_fold(model, x, row, tolerance)
-        row.seconds = time.perf_counter() - t0
-        return row
-    if family in STRUCTURAL:
+        expected, owners, what = None, set(), ""
+    elif family in STRUCTURAL:
         model = timm.create_model(name, pretrained=False).eval()
-        expected, slot_owners = count_calls(model, x, STRUCTURAL[family])
-        what = "residual blocks in its model code"
+        expected, owners = count_calls(model, x, STRUCTURAL[family])
+        what = f"timm has {expected} residual blocks in its model code"
     else:
-        expected, slot_owners = oracle(name, x)
+        expected, owners = oracle(name, x)
         model = timm.create_model(name, pretrained=False, drop_path_rate=0.1).eval()
-        what = "drop-path slots"
+        what = f"timm has {expected} drop-path slots"
         if family in UNSLOTTED:
-            more, owners = count_calls(model, x, UNSLOTTED[family])
-            expected, slot_owners = expected + more, slot_owners | owners
-            what = f"drop-path slots + {more} unslotted residual blocks"
+            more, unslotted = count_calls(model, x, UNSLOTTED[family])
+            expected, owners = expected + more, owners | unslotted
+            what += f" + {more} unslotted residual blocks"
+            note = f"expected includes residual blocks timm leaves unslotted ({', '.join(UNSLOTTED[family])})"
+    row = judge(family, name, model, x, expected, owners, what, tolerance)
+    if expected is None:
+        row.status, row.reason = ("no oracle" if row.status == "ok" else row.status), \
+            "; ".join(filter(None, [NO_ORACLE[family], row.reason]))
+    elif note:
+        row.reason = "; ".join(filter(None, [note, row.reason]))
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def judge(family: str, name: str, model: nn.Module, x: torch.Tensor, expected: int | None,
+          owners: set[str], what: str, tolerance: float) -> ZooRow:
+    """The row of ``model`` against an oracle (``expected`` residuals owned by ``owners``;
+    None: no oracle, only gate and fold are checked)."""
     _randomize(model)
     residuals = sdsurgery.find_residuals(model, example=x)
-    row = ZooRow(family, name, len(residuals), expected, sum(r.fold_target is not None for r in residuals),
-                 "ok", "", 0.0)
-    if family in UNSLOTTED:
-        row.reason = f"expected includes residual blocks timm leaves unslotted ({', '.join(UNSLOTTED[family])}); "
+    found = {r.owner for r in residuals}
+    row = ZooRow(family, name, len(residuals), -1 if expected is None else expected,
+                 sum(r.fold_target is not None for r in residuals), "ok", "", 0.0)
     if expected == 0:
         if residuals:
-            row.status, row.reason = "count", f"found {len(residuals)}, the family has no residual block"
-    elif len(residuals) != expected:
-        row.status = "count"
-        row.reason += f"found {len(residuals)}, timm has {expected} {what}"
+            row.status, row.reason = "count", f"found {len(residuals)}, the model has no residual block"
+        else:
+            try:
+                sdsurgery.convert(model)
+                row.status, row.reason = "count", "converted a model with no residual block"
+            except sdsurgery.NoResidualsError:
+                pass
+    elif expected is not None and len(residuals) != expected:
+        row.status, row.reason = "count", f"found {len(residuals)}, {what}"
         modules = dict(model.named_modules())
-        extra = Counter(type(modules[r.owner]).__name__ for r in residuals if r.owner not in slot_owners)
+        extra = Counter(type(modules[r.owner]).__name__ for r in residuals if r.owner not in owners)
         if extra:
             row.reason += "; found in blocks without one: " + ", ".join(f"{k} x{v}" for k, v in extra.items())
-        missing = Counter(type(modules[o]).__name__ for o in slot_owners - {r.owner for r in residuals})
+        missing = Counter(type(modules[o]).__name__ for o in owners - found)
         if missing:
             row.reason += "; none found in: " + ", ".join(f"{k} x{v}" for k, v in missing.items())
-    elif {r.owner for r in residuals} != slot_owners:
-        row.status, row.reason = "owners", "the residuals found are not the slotted blocks"
+    elif expected is not None and found != owners:
+        row.status, row.reason = "owners", "the residuals found are not the blocks the oracle names"
     else:
         _step_and_fold(model, x, row, tolerance)
-    row.reason = row.reason.rstrip("; ")
-    row.seconds = time.perf_counter() - t0
     return row
 
 
@@ -301,22 +313,8 @@ def check_torchvision(name: str, tolerance: float = 1e-4) -> ZooRow:
     model = torchvision.models.get_model(name, weights=None).eval()
     x = tv_input(name)
     expected, owners = count_calls(model, x, TV_BLOCKS, TV_SLOT)
-    _randomize(model)
-    residuals = sdsurgery.find_residuals(model)
-    row = ZooRow("torchvision", name, len(residuals), expected,
-                 sum(r.fold_target is not None for r in residuals), "ok", "", 0.0)
-    if expected == 0:
-        try:
-            sdsurgery.convert(model)
-            row.status, row.reason = "count", "converted a model with no residual block"
-        except sdsurgery.NoResidualsError:
-            pass
-    elif len(residuals) != expected:
-        row.status, row.reason = "count", f"found {len(residuals)}, the architecture has {expected}"
-    elif {r.owner for r in residuals} != owners:
-        row.status, row.reason = "owners", "the residuals found are not the architecture's blocks"
-    else:
-        _step_and_fold(model, x, row, tolerance)
+    row = judge("torchvision", name, model, x, expected, owners,
+                f"the architecture has {expected}", tolerance)
     row.seconds = time.perf_counter() - t0
     return row
 
