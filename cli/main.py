@@ -155,9 +155,12 @@ def _print_report(title: str, report: dict[str, Any], fold_column: bool) -> None
                   f"{100 * s['expected_training_compute']:.1f}% of the full model "
                   f"(saving {100 * s['expected_saving']:.1f}%, FLOPs at {s['image_size']} px)",
                   markup=False)
-    for r in report["residuals"]:
-        if r["masked"]:
-            console.print(f"masked (a drop saves no compute): {r['name']}: {r['masked']}", markup=False)
+    masked = [r for r in report["residuals"] if r["masked"]]
+    if masked:
+        names = ", ".join(r["name"] for r in masked[:3]) + (f" and {len(masked) - 3} more"
+                                                            if len(masked) > 3 else "")
+        console.print(f"{len(masked)} masked (a drop saves no compute): {names}; "
+                      f"{masked[0]['name']}: {masked[0]['masked']}", markup=False)
     for sk in report["skipped"]:
         console.print(f"not gated: {sk['name']}: {sk['reason']}", markup=False)
 

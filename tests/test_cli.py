@@ -172,7 +172,7 @@ def test_convert_reports_masked_branches(tmp_path):
     f.write_text(REUSED)
     r = run("convert", f"{f}:make", "--image-size", "8", "-o", tmp_path / "n.safetensors")
     assert r.exit_code == 0, r.output
-    assert "masked (a drop saves no compute): f1: its output is also used outside" in r.stdout
+    assert "1 masked (a drop saves no compute): f1; f1: its output is also used outside" in r.stdout
     r = run("inspect", f"{f}:make", "--json", "--image-size", "8")
     rows = {x["name"]: x for x in json.loads(r.stdout)["residuals"]}
     assert "also used outside" in rows["f1"]["masked"] and rows["f2"]["masked"] is None
