@@ -239,24 +239,30 @@ def uninstall(model: nn.Module, keep: set[str] = frozenset()) -> None:
     become plain adds and the kept ones are frozen at their eval behaviour.
     """
     ctrl = controller_of(model)
-    hooks = []
+    hooks, unhooked = [], set()
     for module_name, key, gate_name in ctrl.hooks:
         if gate_name in keep:
             hooks.append((module_name, key, gate_name))
         else:
             model.get_submodule(module_name)._forward_hooks.pop(key, None)
+            unhooked.add(gate_name)
     ctrl.hooks = hooks
     remaining: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     for owner_name, gate_attrs, branch_attrs in ctrl.installs:
         owner = model.get_submodule(owner_name)
         gates = [getattr(owner, a) for a in gate_attrs]
         if any(g.name in keep for g in gates):
-            for g in gates:
+            kept_attrs = []
+            for a, g in zip(gate_attrs, gates):
+                if g.name in unhooked:  # a hooked gate without its hook does nothing: remove it
+                    delattr(owner, a)
+                    continue
                 if g.name in keep:
                     g.frozen = True
                 else:
                     g.drop_prob = 0.0
-            remaining.append((owner_name, gate_attrs, branch_attrs))
+                kept_attrs.append(a)
+            remaining.append((owner_name, tuple(kept_attrs), branch_attrs))
             continue
         owner.__dict__.pop("forward", None)
         for a in branch_attrs:

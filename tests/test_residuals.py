@@ -175,12 +175,13 @@ class _SizeBranching(nn.Module):
     """A block whose forward branches on the input size (as timm's TinyViT blocks do), with a
     drop-path slot at the end of each branch."""
 
-    def __init__(self, c=8, window=4):
+    def __init__(self, c=8, window=4, gelu_last=False):
         super().__init__()
         self.window = window
         self.attn = nn.Linear(c, c)
         self.drop_path1 = nn.Identity()
-        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, c))
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, c),
+                                 *([nn.GELU()] if gelu_last else []))
         self.drop_path2 = nn.Identity()
 
     def forward(self, x):  # B, H, W, C
@@ -496,6 +497,20 @@ def test_residuals_inside_timm_leaves_are_found_gated_and_folded():
         ref = conv(x)
         out = sdsurgery.fold(conv, keep_scale=True)(x)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_hooked_gates_keep_their_scale_where_it_cannot_be_folded():
+    model = nn.Sequential(_SizeBranching(gelu_last=True)).eval()
+    x = torch.randn(2, 4, 4, 8)
+    with pytest.warns(UserWarning, match="masking"):
+        converted = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x).eval()
+    with pytest.raises(sdsurgery.FoldError, match="'0.mlp'"):
+        sdsurgery.fold(converted)
+    folded = sdsurgery.fold(converted, keep_scale=True)
+    assert [g.name for g in sdsurgery.gates(folded)] == ["0.mlp"] and sdsurgery.gates(folded)[0].frozen
+    assert not folded[0].drop_path1._forward_hooks and len(folded[0].drop_path2._forward_hooks) == 1
+    with torch.no_grad():
+        assert torch.allclose(folded.train()(x), converted(x), atol=1e-6)  # frozen: eval behaviour
 
 
 def test_timm_leaves_that_branch_on_sizes_are_traced_on_an_example():
