@@ -116,6 +116,7 @@ class StochasticDepthGate(nn.Module):
         # or None: a dropped branch is not computed.
         self.masked = masked
         self.frozen = False  # set by fold(keep_scale=True): always on, eval behaviour
+        self.hook_bypass = False  # see GateHook
 
     @property
     def survival_prob(self) -> float:
@@ -208,6 +209,8 @@ class GateHook:
         self.gate = gate
 
     def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+        if self.gate.hook_bypass:  # the block's rewritten forward gates this branch itself
+            return output
         return self.gate.mask(output)
 
 
@@ -254,7 +257,8 @@ def uninstall(model: nn.Module, keep: set[str] = frozenset()) -> None:
         if any(g.name in keep for g in gates):
             kept_attrs = []
             for a, g in zip(gate_attrs, gates):
-                if g.name in unhooked:  # a hooked gate without its hook does nothing: remove it
+                if g.name in unhooked and "forward" not in owner.__dict__:
+                    # a gate that only acted through its removed hook does nothing: remove it
                     delattr(owner, a)
                     continue
                 if g.name in keep:

@@ -104,6 +104,7 @@ class Analysis:
     trace: FlatTrace = field(repr=False)
     add_counts: dict[str, int] = field(default_factory=dict, repr=False)  # add calls per owner
     order: list[int] = field(default_factory=list, repr=False)  # graph position of each residual
+    examples: "_Examples | None" = field(default=None, repr=False)  # module calls on an example
 
 
 def find_residuals(model: nn.Module, *, leaf_modules: LeafSpec = (),
@@ -133,7 +134,10 @@ def analyse(model: nn.Module, *, leaf_modules: LeafSpec = (),
     if is_converted(model):
         raise ValueError("the model is already converted (it carries stochastic-depth gates); "
                          "call sdsurgery.fold(model) first, or use sdsurgery.gates(model)")
-    return _analyse_with(model, leaf_modules, None, _Examples(model, example))
+    examples = _Examples(model, example)
+    analysis = _analyse_with(model, leaf_modules, None, examples)
+    analysis.examples = examples
+    return analysis
 
 
 class _Examples:

@@ -41,7 +41,7 @@ from .ops import get_attr, is_add_call, value_kinds
 from .residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_getitems, iter_bits,
                         redirect_inplace_adds, require_residuals, select)
 from .schedules import Schedule, check_rate
-from .tracing import FlatTrace, LeafSpec, trace_block
+from .tracing import FlatTrace, LeafSpec, split_call, trace_block, trace_block_on_example
 
 _DEFAULT_SEED_SALT = 0x5D5D
 log = logging.getLogger("sdsurgery")
@@ -224,22 +224,16 @@ def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], prob
     programs, skipped = [], []
     cache: dict[Any, _Rewrite] = {}
     for owner, rs in by_owner.items():
+        untraceable = None
         if any(r.specialised for r in rs):
-            hooked, why = _hook_program(target, owner, rs, probs, ctrl, (
-                "its block's forward depends on input sizes (traced on an example)"))
-            programs.extend(hooked)
-            skipped.extend(why)
-            continue
-        while rs:
+            untraceable = "its block's forward depends on input sizes (traced on an example)"
+        while rs and untraceable is None:
             try:
                 programs.append(_program(target, owner, rs, probs, ctrl, ft,
                                          analysis.add_counts.get(owner, 0), cache))
                 break
             except _Untraceable as e:
-                hooked, why = _hook_program(target, owner, rs, probs, ctrl, str(e))
-                programs.extend(hooked)
-                skipped.extend(why)
-                break
+                untraceable = str(e)
             except _Skip as e:
                 if e.residual is None or len(rs) == 1:
                     skipped.extend((r.name, f"block '{owner}' not rewritten: {e}") for r in rs)
@@ -247,7 +241,92 @@ def _prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], prob
                 # gate the block's other residuals without the one that cannot be cut out
                 skipped.append((e.residual, f"residual left ungated in block '{owner}': {e}"))
                 rs = [r for r in rs if r.name != e.residual]
+        if untraceable is not None:
+            # its forward branches on sizes: rewritten for the example's sizes (other sizes
+            # fall back to hooks), or else hooks only
+            try:
+                programs.append(_guarded_program(target, owner, rs, probs, ctrl, analysis))
+            except _Skip as e:
+                hooked, why = _hook_program(target, owner, rs, probs, ctrl, f"{untraceable}; {e}")
+                programs.extend(hooked)
+                skipped.extend(why)
     return programs, skipped
+
+
+def _guarded_program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
+                     ctrl: GateController, analysis: Analysis) -> _Program:
+    """A block whose forward branches on sizes, rewritten from a trace of its example call that
+    keeps the batch size free. The new forward runs when the call has the example's other sizes
+    and non-tensor arguments; any other call runs the block's own forward with the gates hooked
+    on the branches' tail modules (masking, as for :func:`_hook_program`)."""
+    if any(r.tail is None for r in residuals):
+        raise _Skip("not every branch ends in a module output a gate could take over")
+    root = analysis.trace.root
+    call = analysis.examples.of(root.get_submodule(owner)) if analysis.examples is not None else None
+    if call is None:
+        raise _Skip("no example call of it was recorded")
+    block = target.get_submodule(owner)
+    if "forward" in block.__dict__ or _reads_training(block):
+        raise _Skip("its forward is patched or reads self.training")
+    try:
+        graph = trace_block_on_example(block, *call, analysis.trace.autowrap_functions)
+        concrete, tensors = split_call(block, *call)
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        raise _Skip(f"not traceable on its example call either: {type(e).__name__}: {first}") from None
+    rewrite = _rewrite(block, owner, residuals, None, analysis.trace,
+                       analysis.add_counts.get(owner, 0), graph=graph)
+    sizes = {name: tuple(t.shape[1:]) for name, t in tensors.items()}
+    prog = _Program(owner=owner, forward=_guarded(rewrite.forward, block, sizes, concrete,
+                                                  tuple(rewrite.gate_attrs)),
+                    branches=list(rewrite.branches), hooks=[r.tail for r in residuals])
+    for k, r in enumerate(residuals):
+        prog.gates.append((rewrite.gate_attrs[k], StochasticDepthGate(
+            name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
+            shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
+            fold_blocker=r.fold_blocker, batched=rewrite.batched[k],
+            sample_fallback=rewrite.fallback[k], drop_modules=r.drop_modules,
+            masked=rewrite.masked[k])))
+    return prog
+
+
+def _guarded(rewritten: Callable, block: nn.Module, sizes: dict[str, tuple], concrete: dict[str, Any],
+             gate_attrs: tuple[str, ...]) -> Callable:
+    """``rewritten`` for calls with the example's ``sizes`` (but the batch) and ``concrete``
+    arguments; the block's own forward otherwise, its gates then acting through their hooks."""
+    sig = inspect.signature(block.forward)
+    own = type(block).forward
+
+    def matches(bound) -> bool:
+        for name, value in bound.arguments.items():
+            if name in sizes:
+                if not isinstance(value, torch.Tensor) or tuple(value.shape[1:]) != sizes[name]:
+                    return False
+            elif name in concrete:
+                try:
+                    if not bool(value is concrete[name] or value == concrete[name]):
+                        return False
+                except Exception:
+                    return False
+        return True
+
+    def forward(self, *args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        bound.apply_defaults()
+        if not matches(bound):
+            return own(self, *args, **kwargs)
+        gates = [getattr(self, a) for a in gate_attrs]
+        for g in gates:
+            g.hook_bypass = True  # the branch's tail module runs inside the gate here
+        try:
+            return rewritten(self, *args, **kwargs)
+        finally:
+            for g in gates:
+                g.hook_bypass = False
+
+    forward.__doc__ = rewritten.__doc__ + " (for the example's sizes)"
+    forward.__wrapped_impl__ = rewritten.__wrapped_impl__  # type: ignore[attr-defined]
+    return forward
 
 
 @dataclass
@@ -350,9 +429,11 @@ def _reads_training(block: nn.Module) -> bool:
 
 
 def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
-             concrete: dict[str, Any] | None, ft: FlatTrace, add_count: int) -> _Rewrite:
+             concrete: dict[str, Any] | None, ft: FlatTrace, add_count: int,
+             graph: fx.Graph | None = None) -> _Rewrite:
     try:
-        graph = trace_block(block, concrete, ft.autowrap_functions)
+        if graph is None:
+            graph = trace_block(block, concrete, ft.autowrap_functions)
         if _reads_training(block):
             train_graph = trace_block(block, concrete, ft.autowrap_functions, train=True)
             if graph.python_code("self").src != train_graph.python_code("self").src:

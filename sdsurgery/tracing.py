@@ -142,19 +142,44 @@ class _ShapedProxy(fx.Proxy):
         return super().__iter__()
 
 
-class _ShapeTracer(_SurgeryTracer):
-    """Runs every traced op on example values as it records it: sizes become constants, so a
-    forward that branches on them (``if H == self.window_size``) traces, specialised to them."""
+class _BatchProxy(_ShapedProxy):
+    """Like :class:`_ShapedProxy`, but dimension 0 (the batch) stays a traced value: the graph
+    then holds for any batch size at the example's other sizes."""
 
-    def __init__(self, *args, examples: dict[str, Any]):
-        super().__init__(*args)
-        self.examples = examples
+    def _dims(self, v: torch.Tensor):
+        if v.dim() == 0:
+            return v.shape
+        return (fx.Proxy.__getattr__(self, "size")(0), *v.shape[1:])
+
+    @property
+    def shape(self):
+        v = self._example()
+        return self._dims(v) if isinstance(v, torch.Tensor) else fx.Proxy.__getattr__(self, "shape")
+
+    def size(self, *dim):
+        v = self._example()
+        if not isinstance(v, torch.Tensor):
+            return fx.Proxy.__getattr__(self, "size")(*dim)
+        if not dim:
+            return self._dims(v)
+        return self._dims(v)[0] if dim[0] in (0, -v.dim()) else v.size(*dim)
+
+    def __len__(self):
+        raise TraceError("len() of a traced tensor is its batch size, which stays symbolic")
+
+
+class _RunsExamples:
+    """Tracer mixin: runs every traced op on example values as it records it, so that proxies
+    can answer size questions (``if H == self.window_size`` then traces, specialised)."""
+
+    examples: dict[str, Any]
+    proxy_class: type = _ShapedProxy
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return _ShapedProxy(node, self)
+        return self.proxy_class(node, self)
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
-        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)  # type: ignore[misc]
         node.meta["example"] = self._run(node)
         return node
 
@@ -170,7 +195,7 @@ class _ShapeTracer(_SurgeryTracer):
             if node.op == "placeholder":
                 return self.examples.get(str(node.target).lstrip("*"))
             if node.op == "get_attr":
-                obj = self.root
+                obj = self.root  # type: ignore[attr-defined]
                 for part in str(node.target).split("."):
                     obj = getattr(obj, part)
                 return obj
@@ -179,8 +204,16 @@ class _ShapeTracer(_SurgeryTracer):
             if node.op == "call_method":
                 return getattr(args[0], node.target)(*args[1:], **kwargs)
             if node.op == "call_module":
-                return self.root.get_submodule(node.target)(*args, **kwargs)
+                return self.root.get_submodule(node.target)(*args, **kwargs)  # type: ignore[attr-defined]
         return None
+
+
+class _ShapeTracer(_RunsExamples, _SurgeryTracer):
+    """The flat tracer, specialised to an example's sizes (see :func:`trace_with_example`)."""
+
+    def __init__(self, *args, examples: dict[str, Any]):
+        super().__init__(*args)
+        self.examples = examples
 
 
 class _BlockTracer(fx.Tracer):
@@ -296,14 +329,39 @@ def trace_with_example(module: nn.Module, leaf_modules: LeafSpec, args: tuple,
     """Like :func:`trace_model`, specialised to one call ``module(*args, **kwargs)``: tensor
     sizes read in the forward are those of the example (for forwards that branch on them).
     The graph is valid for that call's shapes only: it is for analysis, not for running."""
+    concrete, examples = split_call(module, args, kwargs)
+    return trace_model(module, leaf_modules, concrete_args=concrete, examples=examples)
+
+
+class _BlockExampleTracer(_RunsExamples, _BlockTracer):
+    proxy_class = _BatchProxy
+
+    def __init__(self, autowrap_functions: tuple[Callable, ...], examples: dict[str, Any]):
+        super().__init__(autowrap_functions)
+        self.examples = examples
+
+
+def split_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A call of ``module.forward`` as (non-tensor arguments, tensor arguments) by name."""
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
     except (TypeError, ValueError) as e:
         raise TraceError(f"cannot bind the example call of {type(module).__name__}: {e}") from e
     bound.apply_defaults()
     concrete = {k: v for k, v in bound.arguments.items() if not isinstance(v, torch.Tensor)}
-    examples = {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
-    return trace_model(module, leaf_modules, concrete_args=concrete, examples=examples)
+    tensors = {k: v for k, v in bound.arguments.items() if isinstance(v, torch.Tensor)}
+    return concrete, tensors
+
+
+def trace_block_on_example(block: nn.Module, args: tuple, kwargs: dict,
+                           autowrap_functions: Sequence[Callable] = ()) -> fx.Graph:
+    """:func:`trace_block` for a forward that branches on sizes: specialised to the sizes of the
+    call ``block(*args, **kwargs)`` and to its non-tensor arguments, except the batch size.
+    The graph holds only for inputs of those sizes (a caller must guard on them)."""
+    concrete, tensors = split_call(block, args, kwargs)
+    tracer = _BlockExampleTracer(tuple(autowrap_functions), tensors)
+    with traceable(block):
+        return tracer.trace(block, concrete_args=concrete or None)
 
 
 def trace_block(block: nn.Module, concrete_args: dict[str, Any] | None,

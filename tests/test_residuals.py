@@ -175,9 +175,9 @@ class _SizeBranching(nn.Module):
     """A block whose forward branches on the input size (as timm's TinyViT blocks do), with a
     drop-path slot at the end of each branch."""
 
-    def __init__(self, c=8, window=4, gelu_last=False):
+    def __init__(self, c=8, window=4, gelu_last=False, batch_check=False):
         super().__init__()
-        self.window = window
+        self.window, self.batch_check = window, batch_check
         self.attn = nn.Linear(c, c)
         self.drop_path1 = nn.Identity()
         self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, c),
@@ -186,6 +186,8 @@ class _SizeBranching(nn.Module):
 
     def forward(self, x):  # B, H, W, C
         B, H, W, C = x.shape
+        if self.batch_check and B < 1:  # branches on the batch size: no batch-free rewrite
+            raise ValueError("empty batch")
         shortcut = x
         if H == self.window:
             y = self.attn(x.reshape(B, H * W, C)).view(B, H, W, C)
@@ -205,43 +207,52 @@ class _SizeNet(nn.Module):
         return self.blocks(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2))
 
 
-def test_size_branching_blocks_are_traced_on_an_example_and_gated_at_their_slots():
+def _size_net_eval(model, x, p):
+    """_SizeNet's eval output with branch l scaled by 1 - p[l], computed by hand."""
+    h = model.stem(x).permute(0, 2, 3, 1)
+    for k, b in enumerate(model.blocks):
+        n, H, W, C = h.shape
+        a = b.attn(h.reshape(n, H * W, C)).view(n, H, W, C) if H == b.window else b.attn(h)
+        h = h + (1 - p[2 * k]) * a
+        h = h + (1 - p[2 * k + 1]) * b.mlp(h)
+    return h.mean((1, 2))
+
+
+def test_size_branching_blocks_are_rewritten_for_the_example_sizes():
     model = _SizeNet().eval()
     x = torch.randn(2, 3, 4, 4)
     an = sdsurgery.analyse(model, example=x)
     assert [r.name for r in an.residuals] == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
     assert [r.tail for r in an.residuals][:2] == ["blocks.0.drop_path1", "blocks.0.drop_path2"]
-    with pytest.warns(UserWarning, match="gated by masking"):
-        converted = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x)
+    converted = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x)
     gates = sdsurgery.gates(converted)
-    assert len(gates) == 4 and all("on its own" in g.masked and "gated at the output of" in g.masked for g in gates)
+    assert len(gates) == 4 and not any(g.masked for g in gates)
+    p = [g.drop_prob for g in gates]
+    calls = []
+    converted.blocks[1].mlp.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
-        ref = converted.eval()(x)
-        # eval: each branch scaled by its survival probability
-        b = model.blocks[0]
-        h = model.stem(x).permute(0, 2, 3, 1)
-        p = [g.drop_prob for g in gates]
-        y = h + (1 - p[0]) * b.attn(h.reshape(2, 16, 8)).view(2, 4, 4, 8)
-        y = y + (1 - p[1]) * b.mlp(y)
-        b = model.blocks[1]
-        z = y + (1 - p[2]) * b.attn(y.reshape(2, 16, 8)).view(2, 4, 4, 8)
-        z = z + (1 - p[3]) * b.mlp(z)
-        assert torch.allclose(ref, z.mean((1, 2)), atol=1e-5)
-        # another input size takes the other path of the forward, still gated
-        assert converted(torch.randn(1, 3, 6, 6)).shape == (1, 8)
-        # a dropped branch adds nothing: last block's MLP dropped
+        for inp in (x, torch.randn(5, 3, 4, 4)):  # the example's sizes, any batch size
+            assert torch.allclose(converted.eval()(inp), _size_net_eval(model, inp, p), atol=1e-5)
+        # another size takes the block's own forward (its other path), gates act on the slots
+        other = torch.randn(3, 3, 6, 6)
+        assert torch.allclose(converted(other), _size_net_eval(model, other, p), atol=1e-5)
+        # training at the example's sizes: a dropped branch is not computed
         gates[3].drop_prob = 0.999999
         for g in gates[:3]:
             g.drop_prob = 0.0
-        y = model.blocks[0](model.stem(x).permute(0, 2, 3, 1))  # the original, ungated
-        z = y + model.blocks[1].attn(y.reshape(2, 16, 8)).view(2, 4, 4, 8)
-        assert torch.allclose(converted.train()(x), z.mean((1, 2)), atol=1e-6)
+        calls.clear()
+        assert torch.allclose(converted.train()(x), _size_net_eval(model, x, [0, 0, 0, 1]), atol=1e-5)
+        assert calls == []
+        # at another size the branch runs and its output is masked
+        assert torch.allclose(converted(other), _size_net_eval(model, other, [0, 0, 0, 1]), atol=1e-5)
+        assert calls == [1]
     gates[3].drop_prob = 0.3
     folded = sdsurgery.fold(converted).eval()
     assert type(folded.blocks[0]) is _SizeBranching and not sdsurgery.is_converted(folded)
+    assert not folded.blocks[1].drop_path2._forward_hooks and "forward" not in folded.blocks[1].__dict__
     with torch.no_grad():
-        assert torch.allclose(folded(x), converted.eval()(x), atol=1e-5)
-        assert not folded.blocks[1].drop_path2._forward_hooks
+        for inp in (x, other):
+            assert torch.allclose(folded(inp), converted.eval()(inp), atol=1e-5)
 
 
 def test_no_residuals_is_an_error():
@@ -500,7 +511,8 @@ def test_residuals_inside_timm_leaves_are_found_gated_and_folded():
 
 
 def test_hooked_gates_keep_their_scale_where_it_cannot_be_folded():
-    model = nn.Sequential(_SizeBranching(gelu_last=True)).eval()
+    # a forward that also branches on the batch size cannot be rewritten: gates on hooks only
+    model = nn.Sequential(_SizeBranching(gelu_last=True, batch_check=True)).eval()
     x = torch.randn(2, 4, 4, 8)
     with pytest.warns(UserWarning, match="masking"):
         converted = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x).eval()
@@ -513,6 +525,18 @@ def test_hooked_gates_keep_their_scale_where_it_cannot_be_folded():
         assert torch.allclose(folded.train()(x), converted(x), atol=1e-6)  # frozen: eval behaviour
 
 
+def test_rewritten_size_branching_block_keeps_an_unfoldable_scale_at_every_size():
+    model = nn.Sequential(_SizeBranching(gelu_last=True)).eval()
+    x, other = torch.randn(2, 4, 4, 8), torch.randn(3, 6, 6, 8)
+    converted = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x).eval()
+    folded = sdsurgery.fold(converted, keep_scale=True).eval()
+    assert "forward" in folded[0].__dict__ and len(folded[0].drop_path2._forward_hooks) == 1
+    assert [(g.name, g.frozen) for g in sdsurgery.gates(folded) if g.drop_prob] == [("0.mlp", True)]
+    with torch.no_grad():
+        for inp in (x, other):
+            assert torch.allclose(folded(inp), converted(inp), atol=1e-6)
+
+
 def test_timm_leaves_that_branch_on_sizes_are_traced_on_an_example():
     model = timm.create_model("tiny_vit_5m_224", pretrained=False).eval()  # TinyVitBlock: a leaf
     x = torch.randn(1, 3, 224, 224)
@@ -521,9 +545,8 @@ def test_timm_leaves_that_branch_on_sizes_are_traced_on_an_example():
     assert len(an.residuals) == 22  # 2 MBConv blocks + 10 TinyVitBlocks x (attention, MLP)
     tails = [r.tail for r in an.residuals if r.owner == "stages.1.blocks.0"]
     assert tails == ["stages.1.blocks.0.drop_path1", "stages.1.blocks.0.drop_path2"]
-    with pytest.warns(UserWarning, match="masking"):
-        conv = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x)
-    assert len(sdsurgery.gates(conv)) == 22
+    conv = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x)
+    assert len(sdsurgery.gates(conv)) == 22 and not any(g.masked for g in sdsurgery.gates(conv))
     conv.train()(x).mean().backward()
     with torch.no_grad():
         ref = conv.eval()(x)
