@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from .errors import SurgeryError
@@ -146,6 +147,7 @@ def load(path: str | Path) -> nn.Module:
                         gate_projection=sd.get("gate_projection", True), include=sd.get("include"),
                         exclude=sd.get("exclude"), seed=sd.get("seed"),
                         leaf_modules=[_leaf(x) for x in sd.get("leaf_modules") or [] if x],
+                        example=torch.randn(*sd["example_shape"]) if sd.get("example_shape") else None,
                         inplace=True)
     try:
         missing, unexpected = load_model(model, str(path), strict=False)

@@ -130,6 +130,8 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
         "include": include, "exclude": exclude, "gate_projection": gate_projection,
         "leaf_modules": [_leaf_name(leaf) for leaf in leaf_modules],
         "schedule": schedule if isinstance(schedule, str) else list(probs),
+        # the sizes size-branching blocks were rewritten for (load() converts again with them)
+        "example_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
     }
     _install(target, programs, ctrl, analysis)
     return target

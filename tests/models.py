@@ -120,3 +120,39 @@ class ResidualConvNet(nn.Module):
 
 def residual_convnet(num_classes: int = 10) -> nn.Module:
     return ResidualConvNet(num_classes)
+
+
+class SizeBranching(nn.Module):
+    """A block whose forward branches on the input size (as timm's TinyViT blocks do), with a
+    drop-path slot at the end of each branch."""
+
+    def __init__(self, c=8, window=4, gelu_last=False, batch_check=False):
+        super().__init__()
+        self.window, self.batch_check = window, batch_check
+        self.attn = nn.Linear(c, c)
+        self.drop_path1 = nn.Identity()
+        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, c),
+                                 *([nn.GELU()] if gelu_last else []))
+        self.drop_path2 = nn.Identity()
+
+    def forward(self, x):  # B, H, W, C
+        B, H, W, C = x.shape
+        if self.batch_check and B < 1:  # branches on the batch size: no batch-free rewrite
+            raise ValueError("empty batch")
+        shortcut = x
+        if H == self.window:
+            y = self.attn(x.reshape(B, H * W, C)).view(B, H, W, C)
+        else:
+            y = self.attn(x)
+        x = shortcut + self.drop_path1(y)
+        return x + self.drop_path2(self.mlp(x))
+
+
+class SizeNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.blocks = nn.Sequential(SizeBranching(), SizeBranching())
+
+    def forward(self, x):
+        return self.blocks(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2))

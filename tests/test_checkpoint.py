@@ -98,3 +98,18 @@ def test_models_without_a_source_need_a_spec(tmp_path):
         sdsurgery.save(sdsurgery.convert(CustomNet()), tmp_path / "x.safetensors")
     path = sdsurgery.save(sdsurgery.convert(CustomNet()), tmp_path / "x.safetensors", spec="models:CustomNet")
     assert len(sdsurgery.gates(sdsurgery.load(path))) == 4
+
+
+def test_the_example_size_of_rewritten_size_branching_blocks_round_trips(tmp_path):
+    x = torch.randn(2, 3, 4, 4)
+    model = sdsurgery.convert(sdsurgery.create_model("models:SizeNet"), seed=1, example=x)
+    path = sdsurgery.save(model, tmp_path / "s.safetensors")
+    assert sdsurgery.read_metadata(path)["stochastic_depth"]["example_shape"] == [2, 3, 4, 4]
+    loaded = sdsurgery.load(path)
+    assert "forward" in loaded.blocks[0].__dict__
+    calls = []
+    loaded.blocks[1].mlp.register_forward_hook(lambda *_: calls.append(1))
+    sdsurgery.gates(loaded)[-1].drop_prob = 0.999999
+    with torch.no_grad():
+        loaded.train()(torch.randn(3, 3, 4, 4))  # the example's sizes: the dropped MLP is skipped
+    assert calls == []

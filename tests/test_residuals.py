@@ -7,7 +7,7 @@ import torchvision
 
 import sdsurgery
 from conftest import built
-from models import Block, CustomNet
+from models import Block, CustomNet, SizeBranching, SizeNet
 
 
 def test_finds_the_architectures_real_count(case):
@@ -171,44 +171,8 @@ def test_an_untraceable_root_forward_is_a_trace_error():
     assert info.value.module == ""
 
 
-class _SizeBranching(nn.Module):
-    """A block whose forward branches on the input size (as timm's TinyViT blocks do), with a
-    drop-path slot at the end of each branch."""
-
-    def __init__(self, c=8, window=4, gelu_last=False, batch_check=False):
-        super().__init__()
-        self.window, self.batch_check = window, batch_check
-        self.attn = nn.Linear(c, c)
-        self.drop_path1 = nn.Identity()
-        self.mlp = nn.Sequential(nn.Linear(c, 2 * c), nn.ReLU(), nn.Linear(2 * c, c),
-                                 *([nn.GELU()] if gelu_last else []))
-        self.drop_path2 = nn.Identity()
-
-    def forward(self, x):  # B, H, W, C
-        B, H, W, C = x.shape
-        if self.batch_check and B < 1:  # branches on the batch size: no batch-free rewrite
-            raise ValueError("empty batch")
-        shortcut = x
-        if H == self.window:
-            y = self.attn(x.reshape(B, H * W, C)).view(B, H, W, C)
-        else:
-            y = self.attn(x)
-        x = shortcut + self.drop_path1(y)
-        return x + self.drop_path2(self.mlp(x))
-
-
-class _SizeNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 8, 1)
-        self.blocks = nn.Sequential(_SizeBranching(), _SizeBranching())
-
-    def forward(self, x):
-        return self.blocks(self.stem(x).permute(0, 2, 3, 1)).mean((1, 2))
-
-
 def _size_net_eval(model, x, p):
-    """_SizeNet's eval output with branch l scaled by 1 - p[l], computed by hand."""
+    """SizeNet's eval output with branch l scaled by 1 - p[l], computed by hand."""
     h = model.stem(x).permute(0, 2, 3, 1)
     for k, b in enumerate(model.blocks):
         n, H, W, C = h.shape
@@ -219,7 +183,7 @@ def _size_net_eval(model, x, p):
 
 
 def test_size_branching_blocks_are_rewritten_for_the_example_sizes():
-    model = _SizeNet().eval()
+    model = SizeNet().eval()
     x = torch.randn(2, 3, 4, 4)
     an = sdsurgery.analyse(model, example=x)
     assert [r.name for r in an.residuals] == ["blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp"]
@@ -248,7 +212,7 @@ def test_size_branching_blocks_are_rewritten_for_the_example_sizes():
         assert calls == [1]
     gates[3].drop_prob = 0.3
     folded = sdsurgery.fold(converted).eval()
-    assert type(folded.blocks[0]) is _SizeBranching and not sdsurgery.is_converted(folded)
+    assert type(folded.blocks[0]) is SizeBranching and not sdsurgery.is_converted(folded)
     assert not folded.blocks[1].drop_path2._forward_hooks and "forward" not in folded.blocks[1].__dict__
     with torch.no_grad():
         for inp in (x, other):
@@ -512,7 +476,7 @@ def test_residuals_inside_timm_leaves_are_found_gated_and_folded():
 
 def test_hooked_gates_keep_their_scale_where_it_cannot_be_folded():
     # a forward that also branches on the batch size cannot be rewritten: gates on hooks only
-    model = nn.Sequential(_SizeBranching(gelu_last=True, batch_check=True)).eval()
+    model = nn.Sequential(SizeBranching(gelu_last=True, batch_check=True)).eval()
     x = torch.randn(2, 4, 4, 8)
     with pytest.warns(UserWarning, match="masking"):
         converted = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x).eval()
@@ -526,7 +490,7 @@ def test_hooked_gates_keep_their_scale_where_it_cannot_be_folded():
 
 
 def test_rewritten_size_branching_block_keeps_an_unfoldable_scale_at_every_size():
-    model = nn.Sequential(_SizeBranching(gelu_last=True)).eval()
+    model = nn.Sequential(SizeBranching(gelu_last=True)).eval()
     x, other = torch.randn(2, 4, 4, 8), torch.randn(3, 6, 6, 8)
     converted = sdsurgery.convert(model, drop_rate=0.5, seed=0, example=x).eval()
     folded = sdsurgery.fold(converted, keep_scale=True).eval()
