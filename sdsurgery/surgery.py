@@ -316,6 +316,11 @@ def _guarded(rewritten: Callable, block: nn.Module, sizes: dict[str, tuple], con
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
         if not matches(bound):
+            if self.training:
+                warnings.warn(f"sdsurgery: {type(self).__name__} called with sizes other than the "
+                              f"example's {sizes}: its dropped branches are masked, not skipped; "
+                              f"convert with example= an input of your training size",
+                              stacklevel=2)
             return own(self, *args, **kwargs)
         gates = [getattr(self, a) for a in gate_attrs]
         for g in gates:
