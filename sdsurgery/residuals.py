@@ -224,7 +224,7 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
     try:
         sub = _analyse_with(module, user_leaves, concrete, examples)
     except TraceError as e:
-        why = str(e).split(": ", 2)[-1].split(". Mark it")[0][:140]
+        why = _trace_why(e)
         call = examples.of(module)
         sub = None
         if call is not None:  # its forward branches on sizes: specialise to the example's
@@ -232,7 +232,7 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
                 sub = _analyse_with(module, user_leaves, None, examples, example_call=call)
                 specialised = True
             except TraceError as e2:
-                why2 = str(e2).split(": ", 2)[-1].split(". Mark it")[0][:140]
+                why2 = _trace_why(e2)
                 why += ", also on an example input" if why2 == why else f"; on an example input: {why2}"
         elif examples.error:
             why += f"; {examples.error}"
@@ -272,6 +272,11 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
             specialised=r.specialised or fixed)))
     analysis.rejected.extend(replace(x, owner=prefix + x.owner if x.owner else path)
                              for x in sub.rejected)
+
+
+def _trace_why(e: TraceError) -> str:
+    """What fx said in a :class:`TraceError`, without the module name and the leaf hint."""
+    return str(e).split(": ", 2)[-1].split(". Mark it")[0][:140]
 
 
 def _size_free(ft: FlatTrace, owner: str) -> bool:

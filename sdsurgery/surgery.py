@@ -116,8 +116,7 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
     unsearched = [(x.owner, x.reason) for x in analysis.rejected if x.node.startswith("leaf ")]
     for name, why in unsearched:
         warnings.warn(f"sdsurgery: module {name!r} left as it is: {why}", stacklevel=2)
-    skipped = unsearched + skipped
-    for name, why in skipped[len(unsearched):]:
+    for name, why in skipped:
         warnings.warn(f"sdsurgery: residual {name!r} left ungated: {why}", stacklevel=2)
     masked = [(g.name, g.masked) for p in programs for _, g in p.gates if g.masked]
     if masked:
@@ -125,7 +124,7 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
         warnings.warn(f"sdsurgery: {len(masked)} residual branches are gated by masking, so "
                       f"dropping them saves no compute: {masked[0][0]!r}: {masked[0][1]}{more}; "
                       f"see gate.masked", stacklevel=2)
-    ctrl.skipped = skipped
+    ctrl.skipped = unsearched + skipped
     ctrl.settings = {
         "include": include, "exclude": exclude, "gate_projection": gate_projection,
         "leaf_modules": [_leaf_name(leaf) for leaf in leaf_modules],
@@ -177,6 +176,24 @@ class _Program:
     hooks: list[str] = field(default_factory=list)
 
 
+def _gate(r: Residual, probs: list[float], ctrl: GateController, *, batched: tuple[bool, ...],
+          sample_fallback: bool, masked: str | None) -> StochasticDepthGate:
+    return StochasticDepthGate(
+        name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
+        shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
+        fold_blocker=r.fold_blocker, batched=batched, sample_fallback=sample_fallback,
+        drop_modules=r.drop_modules, masked=masked)
+
+
+def _rewrite_gates(rewrite: "_Rewrite", residuals: list[Residual], probs: list[float],
+                   ctrl: GateController) -> list[tuple[str, StochasticDepthGate]]:
+    """The gates a rewritten forward calls, by attribute."""
+    return [(rewrite.gate_attrs[k], _gate(r, probs, ctrl, batched=rewrite.batched[k],
+                                          sample_fallback=rewrite.fallback[k],
+                                          masked=rewrite.masked[k]))
+            for k, r in enumerate(residuals)]
+
+
 def _hook_program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
                   ctrl: GateController, why: str) -> tuple[list[_Program], list[tuple[str, str]]]:
     """Gate the residuals of a block that cannot be rewritten at their tail modules (a
@@ -190,13 +207,8 @@ def _hook_program(target: nn.Module, owner: str, residuals: list[Residual], prob
             skipped.append((r.name, f"block '{owner}' not rewritten: {why}; its branch does not "
                                     f"end in a module output that a gate could take over"))
             continue
-        gate = StochasticDepthGate(
-            name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
-            shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
-            fold_blocker=r.fold_blocker, batched=(), sample_fallback=True,
-            drop_modules=r.drop_modules,
-            masked=f"{why}: gated at the output of '{r.tail}'")
-        prog.gates.append((attr, gate))
+        prog.gates.append((attr, _gate(r, probs, ctrl, batched=(), sample_fallback=True,
+                                       masked=f"{why}: gated at the output of '{r.tail}'")))
         prog.hooks.append(r.tail)
     return ([prog] if prog.gates else []), skipped
 
@@ -271,25 +283,18 @@ def _guarded_program(target: nn.Module, owner: str, residuals: list[Residual], p
     if "forward" in block.__dict__ or _reads_training(block):
         raise _Skip("its forward is patched or reads self.training")
     try:
-        graph = trace_block_on_example(block, *call, analysis.trace.autowrap_functions)
         concrete, tensors = split_call(block, *call)
+        graph = trace_block_on_example(block, concrete, tensors, analysis.trace.autowrap_functions)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise _Skip(f"not traceable on its example call either: {type(e).__name__}: {first}") from None
+        raise _Skip(f"not traceable on its example call either: {type(e).__name__}: "
+                    f"{_first_line(e)}") from None
     rewrite = _rewrite(block, owner, residuals, None, analysis.trace,
                        analysis.add_counts.get(owner, 0), graph=graph)
     sizes = {name: tuple(t.shape[1:]) for name, t in tensors.items()}
-    prog = _Program(owner=owner, forward=_guarded(rewrite.forward, block, sizes, concrete,
+    return _Program(owner=owner, forward=_guarded(rewrite.forward, block, sizes, concrete,
                                                   tuple(rewrite.gate_attrs)),
-                    branches=list(rewrite.branches), hooks=[r.tail for r in residuals])
-    for k, r in enumerate(residuals):
-        prog.gates.append((rewrite.gate_attrs[k], StochasticDepthGate(
-            name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
-            shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
-            fold_blocker=r.fold_blocker, batched=rewrite.batched[k],
-            sample_fallback=rewrite.fallback[k], drop_modules=r.drop_modules,
-            masked=rewrite.masked[k])))
-    return prog
+                    branches=list(rewrite.branches), hooks=[r.tail for r in residuals],
+                    gates=_rewrite_gates(rewrite, residuals, probs, ctrl))
 
 
 def _guarded(rewritten: Callable, block: nn.Module, sizes: dict[str, tuple], concrete: dict[str, Any],
@@ -298,6 +303,7 @@ def _guarded(rewritten: Callable, block: nn.Module, sizes: dict[str, tuple], con
     arguments; the block's own forward otherwise, its gates then acting through their hooks."""
     sig = inspect.signature(block.forward)
     own = type(block).forward
+    impl = rewritten.__wrapped_impl__  # type: ignore[attr-defined]
 
     def matches(bound) -> bool:
         for name, value in bound.arguments.items():
@@ -326,13 +332,13 @@ def _guarded(rewritten: Callable, block: nn.Module, sizes: dict[str, tuple], con
         for g in gates:
             g.hook_bypass = True  # the branch's tail module runs inside the gate here
         try:
-            return rewritten(self, *args, **kwargs)
+            return impl(self, *bound.args, **bound.kwargs)
         finally:
             for g in gates:
                 g.hook_bypass = False
 
     forward.__doc__ = rewritten.__doc__ + " (for the example's sizes)"
-    forward.__wrapped_impl__ = rewritten.__wrapped_impl__  # type: ignore[attr-defined]
+    forward.__wrapped_impl__ = impl  # type: ignore[attr-defined]
     return forward
 
 
@@ -371,16 +377,8 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
         rewrite = _rewrite(block, owner, residuals, concrete, ft, add_count)
         if key is not None:
             cache[key] = rewrite
-    prog = _Program(owner=owner, forward=rewrite.forward, branches=list(rewrite.branches))
-    for k, r in enumerate(residuals):
-        gate = StochasticDepthGate(
-            name=r.name, index=r.index, drop_prob=probs[r.index], controller=ctrl,
-            shortcut=r.shortcut, fold_target=r.fold_target, fold_params=r.fold_params,
-            fold_blocker=r.fold_blocker, batched=rewrite.batched[k],
-            sample_fallback=rewrite.fallback[k], drop_modules=r.drop_modules,
-            masked=rewrite.masked[k])
-        prog.gates.append((rewrite.gate_attrs[k], gate))
-    return prog
+    return _Program(owner=owner, forward=rewrite.forward, branches=list(rewrite.branches),
+                    gates=_rewrite_gates(rewrite, residuals, probs, ctrl))
 
 
 _SIMPLE = (int, float, bool, str, type(None))
@@ -449,8 +447,8 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
     except _Skip:
         raise
     except Exception as e:  # e.g. the forward branches on sizes (found in a specialised trace)
-        first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise _Untraceable(f"cannot trace '{owner}' on its own: {type(e).__name__}: {first}") from None
+        raise _Untraceable(f"cannot trace '{owner}' on its own: {type(e).__name__}: "
+                           f"{_first_line(e)}") from None
 
     redirect_inplace_adds(graph)
     drop_dead_getitems(graph)
@@ -470,39 +468,30 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
         f, s = add.args[r.branch_operand], add.args[1 - r.branch_operand]
         if not (isinstance(f, fx.Node) and isinstance(s, fx.Node)):
             raise _Skip(f"the add of {r.name!r} has no tensor operands when '{owner}' is traced alone")
+        whole = None
         try:
             branch_fn, inputs, branch = _cut_branch(graph, block, add, f, s, r, placeholders)
             out.masked.append(None)
         except _Shared as e:
-            whole = _sliced_back(add, f)
-            if whole is not None:
-                # cat([x[:, :C] + s, x[:, C:]]) (ReXNet): mask all of x, as a drop-path on x
-                # does, and keep the add; the gate is called without a shortcut.
-                first = min(whole.users, key=lambda u: order[u])
-                users = list(whole.users)
-                with graph.inserting_before(first):
-                    fn_node = graph.get_attr(fn_attr)
-                    gate_node = graph.call_module(gate_attr, (fn_node, None, whole))
-                for u in users:
-                    u.replace_input_with(whole, gate_node)
-                out.masked.append(f"{e}: it is a slice of a value concatenated back, so all of "
-                                  f"that value is masked")
-                out.batched.append((False,))
-                out.fallback.append(True)
-                out.branches.append((fn_attr, _passthrough()))
-                out.gate_attrs.append(gate_attr)
-                continue
             # The block computes the branch anyway: the gate takes its value and masks it.
-            branch_fn, inputs, branch = _passthrough(), [f], []
-            out.masked.append(str(e))
+            # cat([x[:, :C] + s, x[:, C:]]) (ReXNet): all of x is masked, as a drop-path on x
+            # does; the add stays and the gate is called without a shortcut.
+            whole = _sliced_back(add, f)
+            branch_fn, inputs, branch = _masked_branch, [whole or f], []
+            out.masked.append(f"{e}: it is a slice of a value concatenated back, so all of that "
+                              f"value is masked" if whole is not None else str(e))
         out.batched.append(tuple(kinds.get(i) == "tensor" and _depends_on(i, placeholders[:1])
                                  for i in inputs))
         out.fallback.append(any(kinds.get(i) != "tensor" for i in inputs))
-        with graph.inserting_before(add):
+        anchor = add if whole is None else min(whole.users, key=lambda u: order[u])
+        with graph.inserting_before(anchor):
             fn_node = graph.get_attr(fn_attr)
-            gate_node = graph.call_module(gate_attr, (fn_node, s, *inputs))
-        add.replace_all_uses_with(gate_node)
-        graph.erase_node(add)
+            gate_node = graph.call_module(gate_attr, (fn_node, s if whole is None else None, *inputs))
+        if whole is None:
+            add.replace_all_uses_with(gate_node)
+            graph.erase_node(add)
+        else:
+            whole.replace_all_uses_with(gate_node, delete_user_cb=lambda u: u is not gate_node)
         for n in reversed(branch):  # users come later in the branch: already erased
             graph.erase_node(n)
         out.branches.append((fn_attr, branch_fn))
@@ -510,6 +499,10 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
     out.forward = _signature_preserving(_compile(graph, f"forward {owner or '<model>'}"), block,
                                         placeholders)
     return out
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:160]
 
 
 def _depends_on(node: fx.Node, sources: list[fx.Node]) -> bool:
@@ -581,11 +574,9 @@ def _sliced_back(add: fx.Node, f: fx.Node) -> fx.Node | None:
     return whole if isinstance(parts, (list, tuple)) and set(parts) == {add, *others} else None
 
 
-def _passthrough() -> Callable:
+def _masked_branch(self, value):
     """The branch function of a masked gate: the branch value, computed by the block."""
-    sub = fx.Graph()
-    sub.output(sub.placeholder("branch"))
-    return _compile(sub, "masked branch")
+    return value
 
 
 def _has_params(node: fx.Node, block: nn.Module) -> bool:

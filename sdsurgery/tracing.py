@@ -353,12 +353,11 @@ def split_call(module: nn.Module, args: tuple, kwargs: dict) -> tuple[dict[str, 
     return concrete, tensors
 
 
-def trace_block_on_example(block: nn.Module, args: tuple, kwargs: dict,
+def trace_block_on_example(block: nn.Module, concrete: dict[str, Any], tensors: dict[str, Any],
                            autowrap_functions: Sequence[Callable] = ()) -> fx.Graph:
-    """:func:`trace_block` for a forward that branches on sizes: specialised to the sizes of the
-    call ``block(*args, **kwargs)`` and to its non-tensor arguments, except the batch size.
-    The graph holds only for inputs of those sizes (a caller must guard on them)."""
-    concrete, tensors = split_call(block, args, kwargs)
+    """:func:`trace_block` for a forward that branches on sizes: specialised to the sizes of an
+    example call (as :func:`split_call` gives it) and to its non-tensor arguments, except the
+    batch size. The graph holds only for inputs of those sizes (a caller must guard on them)."""
     tracer = _BlockExampleTracer(tuple(autowrap_functions), tensors)
     with traceable(block):
         return tracer.trace(block, concrete_args=concrete or None)
