@@ -100,6 +100,10 @@ def _checks(drop_rate: float, schedule: str, mode: str, scaling: str) -> None:
             raise ValueError(f"{opt} must be one of {', '.join(allowed)}, got {value!r}")
 
 
+FACTORY_HELP = ("For a checkpoint of your own model: the factory that builds it "
+                "(package.module:fn or path/to/file.py:fn). A file never chooses code to run.")
+TRUST_HELP = "Build the model with the module:factory the checkpoint names (only for files you trust)."
+
 MODEL_HELP = ("Model: a name (timm, torchvision or sdsurgery), timm:NAME[.TAG], torchvision:NAME, "
               "hf-hub:REPO, package.module:factory or path/to/file.py:factory.")
 
@@ -219,6 +223,8 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
             mode: str = typer.Option("block", help="block | sample"),
             leaf: List[str] = typer.Option([], help="Module (qualified name) fx must not trace into (repeatable)."),
             image_size: Optional[int] = typer.Option(None, help="Input size for FLOPs (default: the model's)."),
+            factory: Optional[str] = typer.Option(None, help=FACTORY_HELP),
+            trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
             ) -> None:
     """Show a model's residual branches, their FLOPs, fold targets and the adds that are not
     residuals. Writes nothing.
@@ -229,11 +235,9 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
     net = None
     if target.endswith(".safetensors"):
         meta = sdsurgery.read_metadata(target)
-        m = meta["model"]
-        plain = sdsurgery.create_model(m["spec"], pretrained=False, num_classes=m.get("num_classes"),
-                                       **(m.get("kwargs") or {}))
+        plain = sdsurgery.checkpoint.build(meta, target, factory=factory, trust_code=trust_code)
         if meta.get("converted"):
-            net = sdsurgery.load(target)
+            net = sdsurgery.load(target, factory=factory, trust_code=trust_code)
     else:
         plain = _build(target, pretrained, weights, num_classes, arg)
     example = _example(plain, image_size)
@@ -258,6 +262,8 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
 def fold(checkpoint: Path = typer.Argument(..., help="A converted .safetensors checkpoint."),
          output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
          keep_scale: bool = typer.Option(False, help="Keep an explicit scale on branches that cannot fold."),
+         factory: Optional[str] = typer.Option(None, help=FACTORY_HELP),
+         trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
          ) -> None:
     """Fold the survival scaling into the weights: the original architecture, no gates.
 
@@ -265,7 +271,7 @@ def fold(checkpoint: Path = typer.Argument(..., help="A converted .safetensors c
     """
     if output.suffix != ".safetensors":
         raise ValueError(f"-o {output}: the output must end in .safetensors")
-    net = sdsurgery.load(checkpoint)
+    net = sdsurgery.load(checkpoint, factory=factory, trust_code=trust_code)
     if not sdsurgery.is_converted(net):
         raise ValueError(f"{checkpoint} holds no stochastic-depth gates (it is already folded or "
                          f"was never converted); nothing to fold")
@@ -354,6 +360,7 @@ def models(pattern: str = typer.Argument("*", help="Glob over model names, e.g. 
 def finetune(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
              set_: List[str] = typer.Option([], "--set", help="Override a recipe field: section.key=value (repeatable)."),
              resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
+             trust_code: bool = typer.Option(False, "--trust-code", help="Allow the recipe's model.name to be code (package.module:fn)."),
              ) -> None:
     """Fine-tune with stochastic depth (HF accelerate), fold, export model.safetensors.
 
@@ -368,9 +375,9 @@ def finetune(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)
         saved = resume / "recipe.yaml"
         if not saved.is_file():
             raise ValueError(f"--resume {resume}: no recipe.yaml there (not a run directory)")
-        recipe_obj = load_recipe(saved, overrides)
+        recipe_obj = load_recipe(saved, overrides, trust_code=trust_code)
     else:
-        recipe_obj = load_recipe(recipe, overrides)
+        recipe_obj = load_recipe(recipe, overrides, trust_code=trust_code)
     result = run(recipe_obj, resume=resume, console=console)
     import os
     if int(os.environ.get("RANK", "0")) != 0:
@@ -392,6 +399,8 @@ def eval_(checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint
           data_dir: Path = typer.Option(Path("data"), help="Where the dataset lives."),
           image_size: Optional[int] = typer.Option(None, help="Input size (default: the dataset's)."),
           batch_size: int = typer.Option(256, help="Images per batch."),
+          factory: Optional[str] = typer.Option(None, help=FACTORY_HELP),
+          trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
           ) -> None:
     """Top-1 / top-5 accuracy and loss of a checkpoint on a dataset's test split.
 
@@ -401,7 +410,7 @@ def eval_(checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint
     from sdsurgery.data import load_datasets
     from sdsurgery.train import evaluate
 
-    model = sdsurgery.load(checkpoint)
+    model = sdsurgery.load(checkpoint, factory=factory, trust_code=trust_code)
     splits = load_datasets(dataset, data_dir, image_size=image_size)
     loader = torch.utils.data.DataLoader(splits.test, batch_size=batch_size)
     m = evaluate(model, loader)

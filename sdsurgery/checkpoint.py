@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Union
 
 import torch
 import torch.nn as nn
@@ -91,7 +93,8 @@ def save(model: nn.Module, path: str | Path, *, spec: str | None = None) -> Path
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The sdsurgery metadata of a checkpoint (raises CheckpointError for other files)."""
+    """The sdsurgery metadata of a checkpoint, validated (raises CheckpointError for other files
+    and for metadata that does not fit the schema)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -108,45 +111,225 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                               f"tensors into a model with --weights {path} instead")
     try:
         meta = json.loads(header[META_KEY])
-        meta["model"]["spec"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: the sdsurgery metadata is corrupt ({e})") from e
-    if meta.get("format", 0) > FORMAT:
-        raise CheckpointError(f"{path} was written by a newer sdsurgery (format "
-                              f"{meta.get('format')}); upgrade sdsurgery to read it")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the sdsurgery metadata is corrupt (not JSON: {e})") from e
+    try:
+        return _validated(meta)
+    except _Newer as e:
+        raise CheckpointError(f"{path} was written by a newer sdsurgery ({e}); upgrade "
+                              f"sdsurgery to read it") from None
+    except _Invalid as e:
+        raise CheckpointError(f"{path}: the sdsurgery metadata is corrupt ({e}); write the "
+                              f"checkpoint again with sdsurgery.save") from None
+
+
+# ------------------------------------------------------------------------ metadata schema
+class _Invalid(ValueError):
+    pass
+
+
+class _Newer(_Invalid):
+    pass
+
+
+# Factory arguments that make timm / torchvision read files or fetch weights: a checkpoint's
+# metadata must not choose them (load() always builds with random weights, then loads the file).
+_FILE_KWARGS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay",
+                          "checkpoint_path", "cache_dir", "weights", "weights_backbone"})
+_MAX_EXAMPLE_ELEMENTS = 1 << 26   # 256 MB of float32: an example batch, never more
+_MAX_CLASSES = 1 << 20
+
+
+def _plain(value: Any, where: str, depth: int = 0) -> Any:
+    """``value`` if it is JSON made of plain values (no objects that could name code)."""
+    if depth > 8:
+        raise _Invalid(f"{where} is nested too deeply")
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _Invalid(f"{where} is {value}")
+        return value
+    if isinstance(value, list):
+        return [_plain(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {k: _plain(v, f"{where}.{k}", depth + 1) for k, v in value.items()}
+    raise _Invalid(f"{where} must be a plain JSON value, got {type(value).__name__}")
+
+
+def _typed(meta: dict, key: str, types: type | tuple, where: str, default: Any = ...) -> Any:
+    if key not in meta:
+        if default is ...:
+            raise _Invalid(f"{where}{key} is missing")
+        return default
+    value = meta[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in (
+            types if isinstance(types, tuple) else (types,))):
+        names = " or ".join(t.__name__ if t is not type(None) else "null"
+                            for t in (types if isinstance(types, tuple) else (types,)))
+        raise _Invalid(f"{where}{key} must be {names}, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def _strings(value: Any, where: str) -> list[str] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise _Invalid(f"{where} must be a string or a list of strings")
+
+
+def _validated(meta: Any) -> dict[str, Any]:
+    """``meta`` checked against the metadata ``describe`` writes: types, choices and bounds."""
+    from .gates import MODES, SCALINGS
+    from .schedules import SCHEDULES
+
+    if not isinstance(meta, dict):
+        raise _Invalid(f"it must be a JSON object, got {type(meta).__name__}")
+    fmt = _typed(meta, "format", int, "", 0)
+    if fmt > FORMAT:
+        raise _Newer(f"format {fmt}")
+    for key in ("converted", "folded"):
+        _typed(meta, key, bool, "", False)
+    model = _typed(meta, "model", dict, "")
+    spec = _typed(model, "spec", str, "model.")
+    if not spec.strip():
+        raise _Invalid("model.spec is empty")
+    n = _typed(model, "num_classes", (int, type(None)), "model.", None)
+    if n is not None and not 1 <= n <= _MAX_CLASSES:
+        raise _Invalid(f"model.num_classes must be in [1, {_MAX_CLASSES}], got {n}")
+    kwargs = _plain(_typed(model, "kwargs", (dict, type(None)), "model.", None) or {}, "model.kwargs")
+    for key in kwargs:
+        if not key.isidentifier():
+            raise _Invalid(f"model.kwargs key {key!r} is not a Python identifier")
+        if key in _FILE_KWARGS:
+            raise _Invalid(f"model.kwargs.{key} would make the factory read or fetch files")
+    sd = _typed(meta, "stochastic_depth", (dict, type(None)), "", None)
+    if sd is not None:
+        w = "stochastic_depth."
+        rate = _typed(sd, "drop_rate", (int, float), w)
+        if not 0.0 <= rate < 1.0:
+            raise _Invalid(f"{w}drop_rate must be in [0, 1), got {rate}")
+        for key, allowed in (("mode", MODES), ("scaling", SCALINGS)):
+            if _typed(sd, key, str, w) not in allowed:
+                raise _Invalid(f"{w}{key} must be one of {', '.join(allowed)}, got {sd[key]!r:.40}")
+        schedule = _typed(sd, "schedule", (str, list), w, "linear")
+        if isinstance(schedule, str) and schedule not in SCHEDULES:
+            raise _Invalid(f"{w}schedule must be one of {', '.join(SCHEDULES)} or a list of "
+                           f"probabilities, got {schedule!r:.40}")
+        if isinstance(schedule, list) and not all(
+                isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1 for p in schedule):
+            raise _Invalid(f"{w}schedule must hold probabilities in [0, 1)")
+        _typed(sd, "seed", (int, type(None)), w, None)
+        _typed(sd, "gate_projection", bool, w, True)
+        for key in ("include", "exclude"):
+            _strings(sd.get(key), w + key)
+        leaves = _typed(sd, "leaf_modules", (list, type(None)), w, None) or []
+        if not all(x is None or isinstance(x, str) for x in leaves):
+            raise _Invalid(f"{w}leaf_modules must be a list of strings")
+        shape = _typed(sd, "example_shape", (list, type(None)), w, None)
+        if shape is not None:
+            if not (1 <= len(shape) <= 8 and all(isinstance(d, int) and not isinstance(d, bool)
+                                                 and 1 <= d for d in shape)):
+                raise _Invalid(f"{w}example_shape must be a list of 1 to 8 positive sizes, got "
+                               f"{shape!r:.60}")
+            if math.prod(shape) > _MAX_EXAMPLE_ELEMENTS:
+                raise _Invalid(f"{w}example_shape {shape} is larger than any example input "
+                               f"({math.prod(shape)} elements, at most {_MAX_EXAMPLE_ELEMENTS})")
     return meta
 
 
-def _leaf(entry: str):
-    if ":" in entry:
-        module, _, name = entry.partition(":")
-        obj: Any = importlib.import_module(module)
-        for part in name.split("."):
-            obj = getattr(obj, part)
-        return obj
-    return entry
+# --------------------------------------------------------------------- rebuilding models
+# Sources whose models are built from names alone: no code named by a file is imported or run.
+SAFE_SOURCES = ("sdsurgery", "timm", "torchvision", "hf-hub")
+
+Factory = Union[str, Callable[..., nn.Module]]
 
 
-def load(path: str | Path) -> nn.Module:
-    """Rebuild the model a checkpoint describes (no download) and load its tensors strictly."""
+def _refuse_code(path: Path, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} names {what}, which would import and run code the file chooses; if you trust "
+        f"it, pass the factory yourself: load(path, factory='pkg.module:fn') / --factory "
+        f"pkg.module:fn (or trust_code=True / --trust-code)")
+
+
+def build(meta: dict[str, Any], path: str | Path, *, factory: Factory | None = None,
+          trust_code: bool = False) -> nn.Module:
+    """The architecture ``meta`` describes, unconverted, with random weights (no download).
+
+    Only sdsurgery's registry, timm and torchvision (names, never code) are used unless the
+    caller passes ``factory`` (a ``'pkg.module:fn'`` / ``'file.py:fn'`` spec or a callable) or
+    ``trust_code=True`` (then a ``module:factory`` spec in the file is imported and called).
+    """
+    from .models import SOURCE_ATTR, ModelSource, call_factory, create_model, split_spec
+
+    path = Path(path)
+    m = meta["model"]
+    kwargs = dict(m.get("kwargs") or {})
+    num_classes = m.get("num_classes")
+    if callable(factory):
+        if num_classes is not None:
+            kwargs["num_classes"] = num_classes
+        name = getattr(factory, "__qualname__", type(factory).__name__)
+        model = call_factory(factory, name, kwargs)
+        model.__dict__[SOURCE_ATTR] = ModelSource(spec=m["spec"], num_classes=num_classes,
+                                                  kwargs=dict(m.get("kwargs") or {}))
+        return model
+    spec = factory or m["spec"]
+    if factory is None and not trust_code and split_spec(spec)[0] not in (None, *SAFE_SOURCES):
+        raise _refuse_code(path, f"its model factory {spec!r}")
+    return create_model(spec, pretrained=False, num_classes=num_classes, **kwargs)
+
+
+def _leaf(entry: str, path: Path, trust_code: bool):
+    """A leaf_modules entry from a file: a qualified module name, or ``module:Class`` of an
+    ``nn.Module`` subclass from a module already imported (imported only with trust_code)."""
+    if ":" not in entry:
+        return entry
+    module, _, name = entry.partition(":")
+    if not all(p.isidentifier() for p in [*module.split("."), *name.split(".")]):
+        raise CheckpointError(f"{path}: leaf module {entry!r} is not 'package.module:Class'")
+    mod = sys.modules.get(module)
+    if mod is None:
+        if not trust_code:
+            raise _refuse_code(path, f"the leaf module class {entry!r} from a module that is not "
+                                     f"imported ({module})")
+        mod = importlib.import_module(module)
+    obj: Any = mod
+    for part in name.split("."):
+        obj = getattr(obj, part, None)
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module)):
+        raise CheckpointError(f"{path}: leaf module {entry!r} is not an nn.Module class here")
+    return obj
+
+
+def load(path: str | Path, *, factory: Factory | None = None, trust_code: bool = False) -> nn.Module:
+    """Rebuild the model a checkpoint describes (no download) and load its tensors strictly.
+
+    Opening a file never runs code it names: the architecture comes from sdsurgery's registry,
+    timm or torchvision. A checkpoint of your own model (``module:factory``) loads when you
+    pass ``factory`` (``'pkg.module:fn'``, ``'file.py:fn'`` or the callable itself), or with
+    ``trust_code=True`` for a file you trust.
+
+    >>> model = sdsurgery.load("resnet50_sd.safetensors")                  # doctest: +SKIP
+    >>> mine = sdsurgery.load("mine.safetensors", factory=my_models.build)  # doctest: +SKIP
+    """
     from safetensors.torch import load_model
 
-    from .models import WeightsError, check_keys, create_model
+    from .models import WeightsError, check_keys
     from .surgery import convert
 
     path = Path(path)
     meta = read_metadata(path)
-    m = meta["model"]
-    model = create_model(m["spec"], pretrained=False, num_classes=m.get("num_classes"),
-                         **(m.get("kwargs") or {}))
+    model = build(meta, path, factory=factory, trust_code=trust_code)
     sd = meta.get("stochastic_depth")
     if meta.get("converted") and sd:
         schedule = sd.get("schedule", "linear")
+        leaves = [_leaf(x, path, trust_code) for x in sd.get("leaf_modules") or [] if x]
         model = convert(model, drop_rate=sd["drop_rate"] if isinstance(schedule, str) else 0.0,
                         schedule=schedule, mode=sd["mode"], scaling=sd["scaling"],
                         gate_projection=sd.get("gate_projection", True), include=sd.get("include"),
-                        exclude=sd.get("exclude"), seed=sd.get("seed"),
-                        leaf_modules=[_leaf(x) for x in sd.get("leaf_modules") or [] if x],
+                        exclude=sd.get("exclude"), seed=sd.get("seed"), leaf_modules=leaves,
                         example=torch.randn(*sd["example_shape"]) if sd.get("example_shape") else None,
                         inplace=True)
     try:

@@ -93,7 +93,7 @@ def create_model(spec: str, *, pretrained: bool = True, num_classes: int | None 
     spec = spec.strip()
     if weights is not None:
         pretrained = False
-    source, name = _split(spec)
+    source, name = split_spec(spec)
     if source is None:
         source = _resolve_bare(name)
         spec = f"{source}:{name}"
@@ -116,7 +116,9 @@ def create_model(spec: str, *, pretrained: bool = True, num_classes: int | None 
 _PREFIXES = ("timm", "torchvision", "sdsurgery", "hf-hub")
 
 
-def _split(spec: str) -> tuple[str | None, str]:
+def split_spec(spec: str) -> tuple[str | None, str]:
+    """``(source, name)``: source is a known prefix, ``"factory"`` for ``module:fn`` /
+    ``file.py:fn`` specs (code), or None for a bare name."""
     if ":" in spec:
         head, tail = spec.split(":", 1)
         if head in _PREFIXES:
@@ -161,7 +163,7 @@ def _build_registered(name: str, num_classes: int | None, kwargs: dict) -> nn.Mo
         raise ModelSourceError(f"unknown sdsurgery model {name!r}{_suggest(name)}")
     if num_classes is not None:
         kwargs = {**kwargs, "num_classes": num_classes}
-    return _call_factory(_REGISTRY[name], name, kwargs)
+    return call_factory(_REGISTRY[name], name, kwargs)
 
 
 def _build_timm(name: str, pretrained: bool, num_classes: int | None, kwargs: dict) -> nn.Module:
@@ -265,10 +267,12 @@ def _build_factory(spec: str, num_classes: int | None, kwargs: dict) -> nn.Modul
         raise ModelSourceError(f"{spec!r}: {target} has no callable {fn_name!r}")
     if num_classes is not None:
         kwargs = {**kwargs, "num_classes": num_classes}
-    return _call_factory(fn, spec, kwargs)
+    return call_factory(fn, spec, kwargs)
 
 
-def _call_factory(fn: Callable[..., nn.Module], spec: str, kwargs: dict) -> nn.Module:
+def call_factory(fn: Callable[..., nn.Module], spec: str, kwargs: dict) -> nn.Module:
+    """``fn(**kwargs)``, checked: arguments that do not fit its signature and results that are
+    not modules are ModelSourceErrors naming ``spec``."""
     try:
         sig = inspect.signature(fn)
         sig.bind(**kwargs)

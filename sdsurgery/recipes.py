@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from .errors import SurgeryError
+from .models import split_spec
 
 
 class RecipeError(SurgeryError, ValueError):
@@ -186,8 +187,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return out
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read and validate a recipe file, then apply ``--set`` overrides."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, *,
+                trust_code: bool = False) -> Recipe:
+    """Read and validate a recipe file, then apply ``--set`` overrides.
+
+    A recipe is data: a ``model.name`` that is code (``pkg.module:fn``, ``file.py:fn``) is
+    refused unless ``trust_code`` or the override names it (the command line is yours; a
+    recipe file may come from anywhere).
+    """
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {str(path)!r} does not exist")
@@ -195,4 +202,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
-    return parse_recipe(apply_overrides(data, overrides or []))
+    if not data:
+        raise RecipeError(f"recipe {path} is empty; start from one in recipes/ (e.g. recipes/demo.yaml)")
+    recipe = parse_recipe(apply_overrides(data, overrides or []))
+    named = data.get("model", {}).get("name") if isinstance(data.get("model"), dict) else None
+    if not trust_code and recipe.model.name == named and split_spec(named)[0] == "factory":
+        raise RecipeError(f"recipe {path} names model {named!r}, code the file chooses; if you trust "
+                          f"the recipe run with --trust-code (or --set model.name={named})")
+    return recipe

@@ -168,12 +168,12 @@ def _torchrun_recipe(tmp_path, name, batch_size):
 
 def test_two_cpu_processes_match_one_process(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "sdsurgery", "finetune", str(_torchrun_recipe(tmp_path, "one", 8))],
+    one = subprocess.run([sys.executable, "-m", "sdsurgery", "finetune", str(_torchrun_recipe(tmp_path, "one", 8)), "--trust-code"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", "29517", "-m", "sdsurgery", "finetune",
-                          str(_torchrun_recipe(tmp_path, "two", 4))],
+                          str(_torchrun_recipe(tmp_path, "two", 4)), "--trust-code"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     # only the main process writes: one metrics line, one model

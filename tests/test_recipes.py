@@ -77,3 +77,17 @@ def test_paper_recipes_carry_the_papers_settings():
         else:
             assert r.train.epochs == 50 and r.schedule.milestones == [30, 35]
             assert r.data.train_split == "train+extra"
+
+
+def test_a_recipe_file_cannot_choose_code_to_run(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: 'subprocess:getoutput', kwargs: {cmd: 'touch pwned'}}\n")
+    with pytest.raises(RecipeError, match="code the file chooses; .*--trust-code"):
+        load_recipe(path)
+    assert load_recipe(path, trust_code=True).model.name == "subprocess:getoutput"
+    # the command line is the user's own: an override may name a factory
+    assert load_recipe(path, ["model.name=models:CustomNet"]).model.name == "models:CustomNet"
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    with pytest.raises(RecipeError, match="is empty"):
+        load_recipe(empty)
