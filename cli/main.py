@@ -46,6 +46,13 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
+        except KeyboardInterrupt as e:  # Ctrl-C: 130 as a shell would, one line saying what was saved
+            if _state["debug"]:
+                raise
+            from sdsurgery.train import Interrupted
+            err.print(str(e) if isinstance(e, Interrupted) else "interrupted; nothing was written",
+                      markup=False)
+            raise typer.Exit(130)
         except (sdsurgery.SurgeryError, ValueError, OSError) as e:
             if _state["debug"]:
                 raise

@@ -85,11 +85,22 @@ def save(model: nn.Module, path: str | Path, *, spec: str | None = None) -> Path
     os.close(fd)
     try:
         save_model(model, tmp, metadata={META_KEY: json.dumps(meta)})
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs follow the umask
         os.replace(tmp, path)
+    except Exception as e:  # disk full, permissions; safetensors raises its own error type
+        Path(tmp).unlink(missing_ok=True)
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"cannot write {path}: {type(e).__name__}: {first}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

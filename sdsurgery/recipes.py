@@ -92,6 +92,7 @@ class TrainConfig:
     cpu: bool = False                      # force CPU even where CUDA is available
     max_steps_per_epoch: Optional[int] = None  # for smoke tests
     require_top1: Optional[float] = None   # fail the run if the test top-1 (%) ends below this
+    skip_nonfinite: int = 0                # skip up to N steps with a non-finite loss/gradient, then stop
 
 
 @dataclass

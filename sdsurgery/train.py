@@ -8,26 +8,32 @@ semantics for one large batch). Branches dropped everywhere get no gradient; DDP
 (``find_unused_parameters=True``) and leaves their ``grad`` as None, so the optimizer skips
 them exactly as in one process.
 
-Run directory: ``recipe.yaml`` (resolved), ``metrics.jsonl`` (one line per epoch),
-``checkpoints/epoch_N`` (accelerate state: model, optimizer, scheduler, RNG, gate generator;
-written to a temporary directory and renamed, so a crash never corrupts the last good one),
-``model.safetensors`` (folded, the CLI's format), ``result.json``.
+Run directory (locked while a run writes to it, see :mod:`sdsurgery.rundir`): ``recipe.yaml``
+(resolved), ``metrics.jsonl`` (one line per epoch, valid JSON), ``checkpoints/epoch_N`` (model,
+optimizer, scheduler, RNG, gate generator, in safetensors and JSON only, see
+:mod:`sdsurgery.resume`; written to a temporary directory and renamed, so a crash never corrupts
+the last good one), ``model.safetensors`` (folded, the CLI's format), ``result.json``.
+
+Divergence: a non-finite loss or gradient norm stops the run before the optimizer applies it
+(``train.skip_nonfinite`` may skip a few such steps first); non-finite weights are never
+checkpointed or exported.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import yaml
 
+from . import resume as resume_state
+from . import rundir
+from .checkpoint import CheckpointError
 from .errors import SurgeryError
 from .recipes import Recipe
 
@@ -42,19 +48,29 @@ class TrainResult:
     model_path: str
 
 
+class DivergenceError(SurgeryError):
+    """Training produced a non-finite loss, gradient or weight; nothing non-finite is saved."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was interrupted (Ctrl-C); the message says what was saved."""
+
+
 class _EpochState:
-    """What the loop needs to resume, saved beside accelerate's state."""
+    """The loop's counters, saved as JSON in every checkpoint."""
 
     def __init__(self):
-        self.epoch = 0   # epochs completed
-        self.step = 0    # optimizer steps completed in the current epoch (mid-epoch checkpoints)
+        self.epoch = 0      # epochs completed
+        self.step = 0       # optimizer steps completed in the current epoch (mid-epoch checkpoints)
         self.best = -1.0
+        self.skipped = 0    # non-finite steps skipped (train.skip_nonfinite)
 
     def state_dict(self):
-        return {"epoch": self.epoch, "step": self.step, "best": self.best}
+        return {"epoch": self.epoch, "step": self.step, "best": self.best, "skipped": self.skipped}
 
     def load_state_dict(self, d):
         self.epoch, self.step, self.best = int(d["epoch"]), int(d.get("step", 0)), float(d["best"])
+        self.skipped = int(d.get("skipped", 0))
 
 
 def _lr_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
@@ -108,71 +124,28 @@ def evaluate(model: nn.Module, loader, accelerator=None) -> dict[str, float]:
             "loss": loss_sum / max(n, 1), "images": n}
 
 
-def _save_state_atomically(accelerator, directory: Path) -> None:
-    tmp = directory.with_name(directory.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    accelerator.wait_for_everyone()
+def _all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+               if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-def _checkpoint_key(p: Path) -> tuple[int, int] | None:
-    """``epoch_E`` (E epochs done) or ``epoch_E_step_S`` (E done, S steps into the next)."""
-    parts = p.name.split("_")
-    if len(parts) == 2 and parts[0] == "epoch" and parts[1].isdigit():
-        return int(parts[1]), 0
-    if len(parts) == 4 and parts[0] == "epoch" and parts[2] == "step" and parts[1].isdigit() and parts[3].isdigit():
-        return int(parts[1]), int(parts[3])
-    return None
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints in training order (``best`` is not one of them)."""
-    ck = run_dir / "checkpoints"
-    if not ck.is_dir():
-        return []
-    found = [p for p in ck.iterdir() if p.is_dir() and _checkpoint_key(p) is not None]
-    return sorted(found, key=_checkpoint_key)
-
-
-def _fresh_dir(path: Path) -> Path:
-    """``path``, or ``path-2``, ``path-3`` ... when it already holds a run (never overwrite one).
-    Every rank computes the same answer before any of them writes."""
-    if not path.exists() or not any(path.iterdir()):
-        return path
-    n = 2
-    while Path(f"{path}-{n}").exists():
-        n += 1
-    return Path(f"{path}-{n}")
-
-
-def _prune(run_dir: Path, keep: int, main: bool) -> None:
-    if main:
-        for old in _checkpoints(run_dir)[:-max(1, keep)]:
-            shutil.rmtree(old)
+def _grad_norm(model: nn.Module) -> torch.Tensor:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) -> TrainResult:
-    """Train ``recipe`` end to end and return the gated and folded test metrics."""
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    """Train ``recipe`` end to end and return the gated and folded test metrics.
 
-    from . import checkpoint as ckpt
-    from .data import SeededAugmentation, load_datasets, num_classes_of
-    from .fold import fold
-    from .models import create_model
-    from .surgery import controller, convert, set_drop_rate
+    Raises DivergenceError when the loss, the gradients or the weights become non-finite
+    (nothing non-finite is saved or exported), Interrupted on Ctrl-C (saying what was saved),
+    RunDirError when another run holds the directory."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast
+    from rich.console import Console
 
     t = recipe.train
-    if resume and not _checkpoints(Path(resume)):
+    if resume and not resume_state.checkpoints(Path(resume)):
         raise SurgeryError(f"--resume {resume}: no checkpoints/epoch_N directory there to resume from")
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
@@ -181,152 +154,297 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     console = console or Console()
-    main = accelerator.is_main_process
-    if recipe.stochastic_depth.enabled and accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
-        raise SurgeryError(f"stochastic depth skips layers, but under {accelerator.distributed_type.name} "
-                           f"every rank must run every layer to gather its parameters; use DDP "
-                           f"(accelerate launch --multi_gpu) or set stochastic_depth.enabled=false")
-    run_dir = Path(resume) if resume else _fresh_dir(Path(t.output_dir))
-    accelerator.wait_for_everyone()  # every rank has chosen the directory before any writes
-    set_seed(t.seed)
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):
+        raise SurgeryError(f"sdsurgery finetune runs on one process or with DDP (accelerate launch "
+                           f"--multi_gpu, torchrun), not under {accelerator.distributed_type.name}: "
+                           f"stochastic depth skips layers, but there every rank must run every "
+                           f"layer to gather its parameters")
+    # The main process claims (locks) the run directory; the others learn which one it got.
+    lock, suffix = None, torch.tensor([1], device=accelerator.device)
+    try:
+        if accelerator.is_main_process:
+            lock, n = rundir.claim(Path(resume or t.output_dir), resume=bool(resume))
+            suffix[0] = n
+            if lock.crashed_pid:
+                console.print(f"note: the last run in {lock.directory} (PID {lock.crashed_pid}) "
+                              f"did not end cleanly", markup=False, soft_wrap=True)
+        if accelerator.num_processes > 1:
+            suffix = broadcast(suffix)
+        n = int(suffix[0])
+        run_dir = Path(resume) if resume else Path(t.output_dir if n == 1 else f"{t.output_dir}-{n}")
+        return _Run(recipe, accelerator, run_dir, console).train(bool(resume))
+    except KeyboardInterrupt:
+        last = resume_state.checkpoints(run_dir)[-1:] if "run_dir" in locals() else []
+        raise Interrupted(f"interrupted; the last checkpoint is {last[0]} (continue with --resume "
+                          f"{run_dir})" if last else "interrupted; no checkpoint was saved") from None
+    finally:
+        if lock is not None:
+            lock.release()
 
-    d, m = recipe.data, recipe.model
-    num_classes = m.num_classes or num_classes_of(d.dataset)
-    if num_classes is None:  # imagefolder: count the classes
-        num_classes = load_datasets(d.dataset, d.data_dir, image_size=d.image_size).num_classes
-    model = create_model(m.name, pretrained=m.pretrained, weights=m.weights,
-                         num_classes=num_classes, **m.kwargs)
-    mean, std = d.mean, d.std
-    if d.normalize == "model" and mean is None:
-        cfg = getattr(model, "pretrained_cfg", None) or {}
-        mean = list(cfg.get("mean", (0.485, 0.456, 0.406)))
-        std = d.std or list(cfg.get("std", (0.229, 0.224, 0.225)))
-    splits = load_datasets(d.dataset, d.data_dir, download=d.download, image_size=d.image_size,
-                           val_split=d.val_split, seed=t.seed, mean=mean, std=std,
-                           augment=d.augment, train_split=d.train_split)
-    sd = recipe.stochastic_depth
-    if sd.enabled:
-        start_rate = 0.0 if sd.warmup_epochs > 0 else sd.drop_rate
-        model = convert(model, drop_rate=start_rate, schedule=sd.schedule, mode=sd.mode,
-                        scaling=sd.scaling, include=sd.include, exclude=sd.exclude, seed=t.seed,
-                        inplace=True)
-        if sd.warmup_epochs > 0:
-            set_drop_rate(model, 0.0)
-    loader_kw = dict(num_workers=recipe.data.workers, pin_memory=torch.cuda.is_available())
-    train_set = SeededAugmentation(splits.train, t.seed)
-    train_loader = torch.utils.data.DataLoader(train_set, batch_size=t.batch_size, shuffle=True,
-                                               drop_last=len(train_set) > t.batch_size, **loader_kw)
-    eval_set = splits.val if splits.val is not None else splits.test
-    eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.eval_batch_size, **loader_kw)
-    test_loader = torch.utils.data.DataLoader(splits.test, batch_size=t.eval_batch_size, **loader_kw)
-    optimizer = _optimizer(recipe, model)
-    steps_per_epoch = math.ceil(len(train_loader) / accelerator.num_processes / t.grad_accum)
-    if t.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, t.max_steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe, steps_per_epoch))
-    model, optimizer, train_loader, eval_loader, test_loader, scheduler = accelerator.prepare(
-        model, optimizer, train_loader, eval_loader, test_loader, scheduler)
-    state = _EpochState()
-    accelerator.register_for_checkpointing(state)
-    raw = accelerator.unwrap_model(model)
-    if sd.enabled:
-        accelerator.register_for_checkpointing(controller(raw))
 
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    if resume:
-        last = _checkpoints(run_dir)[-1]
-        accelerator.load_state(str(last))
-        if main:
-            console.print(f"resumed from {last} (epoch {state.epoch} done"
-                          + (f", {state.step} steps into the next)" if state.step else ")"))
+class _Run:
+    """One fine-tuning run: built from the recipe, trained, folded, exported."""
 
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
-    start = time.perf_counter()
-    for epoch in range(state.epoch, t.epochs):
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)  # the epoch's permutation, resumed or not
-        train_set.set_epoch(epoch)  # and its augmentations
-        model.train()
-        seen, loss_sum, steps = 0, 0.0, 0
-        batches = train_loader
-        if state.step:  # resuming mid-epoch: skip what was already trained on
-            batches = accelerator.skip_first_batches(train_loader, state.step * t.grad_accum)
-            steps = state.step
+    def __init__(self, recipe: Recipe, accelerator, run_dir: Path, console):
+        self.recipe, self.accelerator, self.run_dir, self.console = recipe, accelerator, run_dir, console
+        self.main = accelerator.is_main_process
+        self.state = _EpochState()
+
+    # ------------------------------------------------------------------------- set-up
+    def _build(self) -> None:
+        from accelerate.utils import set_seed
+
+        from .data import SeededAugmentation, load_datasets, num_classes_of
+        from .models import create_model
+        from .surgery import convert, set_drop_rate
+
+        recipe, t, accelerator = self.recipe, self.recipe.train, self.accelerator
+        set_seed(t.seed)
+        d, m = recipe.data, recipe.model
+        num_classes = m.num_classes or num_classes_of(d.dataset)
+        if num_classes is None:  # imagefolder: count the classes
+            num_classes = load_datasets(d.dataset, d.data_dir, image_size=d.image_size).num_classes
+        model = create_model(m.name, pretrained=m.pretrained, weights=m.weights,
+                             num_classes=num_classes, **m.kwargs)
+        mean, std = d.mean, d.std
+        if d.normalize == "model" and mean is None:
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            mean = list(cfg.get("mean", (0.485, 0.456, 0.406)))
+            std = d.std or list(cfg.get("std", (0.229, 0.224, 0.225)))
+        splits = load_datasets(d.dataset, d.data_dir, download=d.download, image_size=d.image_size,
+                               val_split=d.val_split, seed=t.seed, mean=mean, std=std,
+                               augment=d.augment, train_split=d.train_split)
+        self.has_val = splits.val is not None
+        sd = recipe.stochastic_depth
+        if sd.enabled:
+            start_rate = 0.0 if sd.warmup_epochs > 0 else sd.drop_rate
+            model = convert(model, drop_rate=start_rate, schedule=sd.schedule, mode=sd.mode,
+                            scaling=sd.scaling, include=sd.include, exclude=sd.exclude, seed=t.seed,
+                            inplace=True)
+            if sd.warmup_epochs > 0:
+                set_drop_rate(model, 0.0)
+        loader_kw = dict(num_workers=d.workers, pin_memory=torch.cuda.is_available())
+        self.train_set = SeededAugmentation(splits.train, t.seed)
+        train_loader = torch.utils.data.DataLoader(self.train_set, batch_size=t.batch_size, shuffle=True,
+                                                   drop_last=len(self.train_set) > t.batch_size, **loader_kw)
+        eval_set = splits.val if splits.val is not None else splits.test
+        eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.eval_batch_size, **loader_kw)
+        test_loader = torch.utils.data.DataLoader(splits.test, batch_size=t.eval_batch_size, **loader_kw)
+        optimizer = _optimizer(recipe, model)
+        steps = math.ceil(len(train_loader) / accelerator.num_processes / t.grad_accum)
+        self.steps_per_epoch = min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe, self.steps_per_epoch))
+        (self.model, self.optimizer, self.train_loader, self.eval_loader, self.test_loader,
+         self.scheduler) = accelerator.prepare(model, optimizer, train_loader, eval_loader,
+                                               test_loader, scheduler)
+        self.raw = accelerator.unwrap_model(self.model)
+
+    # -------------------------------------------------------------------- checkpoints
+    def _save(self, name: str) -> None:
+        """A checkpoint of everything the loop needs to continue exactly (code-free files)."""
+        from .surgery import controller
+
+        if not _all_finite(self.raw):
+            raise self._diverged("the weights are no longer finite")
+        states: dict[str, Any] = {"optimizer": self.optimizer.state_dict(),
+                                  "scheduler": self.scheduler.state_dict()}
+        if self.recipe.stochastic_depth.enabled:
+            states["gates"] = controller(self.raw).state_dict()
+        if self.accelerator.scaler is not None:
+            states["scaler"] = self.accelerator.scaler.state_dict()
+        resume_state.write(self.run_dir / resume_state.CHECKPOINTS / name, model=self.raw,
+                           states=states, loop=self.state.state_dict(),
+                           rng=resume_state.capture_rng(), rank=self.accelerator.process_index,
+                           main=self.main, barrier=self.accelerator.wait_for_everyone)
+        if self.main and name != "best":
+            resume_state.prune(self.run_dir, self.recipe.train.keep_checkpoints)
+
+    def _resume(self) -> None:
+        """Continue from the newest checkpoint that reads back whole; older ones are tried when
+        the newest is damaged (saying so)."""
+        from .models import WeightsError, check_keys
+        from .surgery import controller
+
+        for line in resume_state.tidy(self.run_dir) if self.main else []:
+            self.console.print(f"note: checkpoints: {line}", markup=False, soft_wrap=True)
+        self.accelerator.wait_for_everyone()
+        problems = []
+        for directory in reversed(resume_state.checkpoints(self.run_dir)):
+            try:
+                ck = resume_state.read(directory, self.accelerator.process_index)
+                check_keys(self.raw, ck.model, str(directory / "model.safetensors"))
+                break
+            except (CheckpointError, WeightsError) as e:
+                problems.append(str(e))
+                if self.main:
+                    self.console.print(f"warning: {e}; trying the one before", markup=False, soft_wrap=True)
+        else:
+            raise CheckpointError(f"--resume {self.run_dir}: no checkpoint there can be resumed "
+                                  f"({problems[0] if problems else 'none found'})")
+        try:
+            self.raw.load_state_dict(ck.model, strict=True)
+            self.optimizer.load_state_dict(ck.states["optimizer"])
+            self.scheduler.load_state_dict(ck.states["scheduler"])
+            if self.recipe.stochastic_depth.enabled:
+                controller(self.raw).load_state_dict(ck.states["gates"])
+            if self.accelerator.scaler is not None and "scaler" in ck.states:
+                self.accelerator.scaler.load_state_dict(ck.states["scaler"])
+            self.state.load_state_dict(ck.loop)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{ck.directory} does not fit this run's recipe ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+        if ck.rng is not None:
+            resume_state.restore_rng(ck.rng)
+        if self.main:
+            dropped = rundir.truncate_metrics(self.run_dir, self.state.epoch)
+            self.console.print(f"resumed from {ck.directory} (epoch {self.state.epoch} done"
+                               + (f", {self.state.step} steps into the next)" if self.state.step else ")")
+                               + (f"; dropped {dropped} metrics lines written after it" if dropped else ""),
+                               markup=False, soft_wrap=True)
+
+    # ----------------------------------------------------------------------- training
+    def _diverged(self, what: str, epoch: int | None = None, step: int | None = None) -> DivergenceError:
+        t, o = self.recipe.train, self.recipe.optimizer
+        where = f" at epoch {epoch + 1}, step {step}" if epoch is not None else ""
+        hint = "set train.clip_grad (e.g. 1.0)" if not t.clip_grad else f"lower train.clip_grad (now {t.clip_grad:g})"
+        return DivergenceError(f"training diverged{where}: {what}; nothing non-finite was saved "
+                               f"(the checkpoints are kept); lower optimizer.lr (now {o.lr:g}) or "
+                               f"{hint}, or let train.skip_nonfinite skip a few bad steps")
+
+    def _step_is_bad(self, bad_loss: bool, norm: torch.Tensor | None) -> tuple[bool, str]:
+        """Whether this optimizer step saw a non-finite loss or gradient on any process."""
+        bad_grad = norm is not None and not bool(torch.isfinite(norm))
+        flags = torch.tensor([float(bad_loss), float(bad_grad)], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        what = [w for w, f in (("the loss is not finite", flags[0]), ("the gradient norm is not finite",
+                                                                      flags[1])) if f > 0]
+        return bool(what), " and ".join(what)
+
+    def _epoch(self, epoch: int) -> tuple[float, int, float]:
+        """One epoch of training; returns (mean loss, images seen, seconds)."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from .surgery import set_drop_rate
+
+        t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        if hasattr(self.train_loader, "set_epoch"):
+            self.train_loader.set_epoch(epoch)  # the epoch's permutation, resumed or not
+        self.train_set.set_epoch(epoch)  # and its augmentations
+        self.model.train()
+        seen, loss_sum, steps, bad_loss = 0, 0.0, 0, False
+        batches = self.train_loader
+        if self.state.step:  # resuming mid-epoch: skip what was already trained on
+            batches = accelerator.skip_first_batches(self.train_loader, self.state.step * t.grad_accum)
+            steps = self.state.step
         t0 = time.perf_counter()
         progress = Progress(TextColumn(f"epoch {epoch + 1}/{t.epochs}"), BarColumn(),
                             TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                            console=console, disable=not (main and console.is_terminal),
+                            console=self.console, disable=not (self.main and self.console.is_terminal),
                             transient=True)
         with progress:
-            task = progress.add_task("train", total=steps_per_epoch, info="")
+            task = progress.add_task("train", total=self.steps_per_epoch, info="")
             for i, (x, y) in enumerate(batches, start=steps * t.grad_accum):
                 if sd.enabled and sd.warmup_epochs > 0:
-                    frac = min(1.0, (epoch + i / max(1, len(train_loader))) / sd.warmup_epochs)
-                    set_drop_rate(raw, sd.drop_rate * frac)
-                with accelerator.accumulate(model):
-                    loss = loss_fn(model(x), y)
+                    frac = min(1.0, (epoch + i / max(1, len(self.train_loader))) / sd.warmup_epochs)
+                    set_drop_rate(self.raw, sd.drop_rate * frac)
+                with accelerator.accumulate(self.model):
+                    loss = loss_fn(self.model(x), y)
                     accelerator.backward(loss)
-                    if t.clip_grad and accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.item() * y.shape[0]
+                    value = loss.item()
+                    bad_loss = bad_loss or not math.isfinite(value)
+                    if accelerator.sync_gradients:
+                        if t.clip_grad:
+                            norm = accelerator.clip_grad_norm_(self.model.parameters(), t.clip_grad)
+                        else:  # an AMP scaler skips inf gradients itself
+                            norm = _grad_norm(self.model) if accelerator.scaler is None else None
+                        bad, what = self._step_is_bad(bad_loss, norm)
+                        bad_loss = False
+                        if bad and self.state.skipped >= t.skip_nonfinite:
+                            raise self._diverged(what, epoch, steps + 1)
+                        if bad:
+                            self.state.skipped += 1
+                            if self.main:
+                                self.console.print(f"warning: epoch {epoch + 1}, step {steps + 1}: "
+                                                   f"{what}; step skipped ({self.state.skipped} of "
+                                                   f"train.skip_nonfinite={t.skip_nonfinite})", markup=False, soft_wrap=True)
+                        else:
+                            self.optimizer.step()
+                            self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                if math.isfinite(value):
+                    loss_sum += value * y.shape[0]
                 seen += y.shape[0]
                 if accelerator.sync_gradients:
                     steps += 1
                     progress.update(task, advance=1, info=(
-                        f"loss {loss_sum / seen:.3f} lr {scheduler.get_last_lr()[0]:.4g} "
+                        f"loss {loss_sum / seen:.3f} lr {self.scheduler.get_last_lr()[0]:.4g} "
                         f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f} img/s"))
                     if t.checkpoint_every_steps and steps % t.checkpoint_every_steps == 0 \
-                            and steps < steps_per_epoch:
-                        state.step = steps
-                        _save_state_atomically(accelerator, run_dir / "checkpoints" / f"epoch_{epoch}_step_{steps}")
-                        _prune(run_dir, t.keep_checkpoints, main)
+                            and steps < self.steps_per_epoch:
+                        self.state.step = steps
+                        self._save(f"epoch_{epoch}_step_{steps}")
                     if t.max_steps_per_epoch and steps >= t.max_steps_per_epoch:
                         break
-        metrics = evaluate(model, eval_loader, accelerator)
-        state.epoch, state.step = epoch + 1, 0
-        improved = metrics["top1"] > state.best
-        state.best = max(state.best, metrics["top1"])
-        record = {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                  "lr": scheduler.get_last_lr()[0], "epoch_seconds": time.perf_counter() - t0,
-                  "eval_split": "val" if splits.val is not None else "test",
-                  **{f"eval_{k}": v for k, v in metrics.items()}}
-        if sd.enabled:
-            record["drop_rate"] = controller(raw).drop_rate
-        if main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            console.print(f"epoch {epoch + 1}/{t.epochs}: loss {record['train_loss']:.4f}, "
-                          f"{record['eval_split']} top-1 {metrics['top1']:.2f}%, "
-                          f"{record['epoch_seconds']:.1f} s")
-        if t.checkpoint_every and ((epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs):
-            _save_state_atomically(accelerator, run_dir / "checkpoints" / f"epoch_{epoch + 1}")
-            _prune(run_dir, t.keep_checkpoints, main)
-        if improved and t.checkpoint_every:
-            _save_state_atomically(accelerator, run_dir / "checkpoints" / "best")
-    train_seconds = time.perf_counter() - start
+        return loss_sum / max(seen, 1), seen, time.perf_counter() - t0
 
-    gated = evaluate(model, test_loader, accelerator)
-    model_path = run_dir / "model.safetensors"
-    final = raw
-    if sd.enabled:
-        final = fold(raw)
-    folded_metrics = evaluate(accelerator.prepare_model(final, evaluation_mode=True), test_loader,
-                              accelerator) if sd.enabled else gated
-    result = TrainResult(run_dir=str(run_dir), epochs=t.epochs, train_seconds=train_seconds,
-                         gated=gated, folded=folded_metrics, model_path=str(model_path))
-    if main:
-        ckpt.save(final.to("cpu") if sd.enabled else final, model_path)
-        (run_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
-    accelerator.wait_for_everyone()
-    if t.require_top1 is not None:
-        worst = min(gated["top1"], folded_metrics["top1"])
-        if worst < t.require_top1:
-            raise SurgeryError(f"test top-1 {worst:.2f}% (gated {gated['top1']:.2f}%, folded "
-                               f"{folded_metrics['top1']:.2f}%) is below the recipe's "
-                               f"train.require_top1 = {t.require_top1}")
-    return result
+    def train(self, resume: bool) -> TrainResult:
+        from . import checkpoint as ckpt
+        from .fold import fold
+        from .surgery import controller
+
+        t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
+        self._build()
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
+        if resume:
+            self._resume()
+        start = time.perf_counter()
+        for epoch in range(self.state.epoch, t.epochs):
+            train_loss, seen, seconds = self._epoch(epoch)
+            if not _all_finite(self.raw):
+                raise self._diverged("the weights are no longer finite", epoch, self.steps_per_epoch)
+            metrics = evaluate(self.model, self.eval_loader, accelerator)
+            self.state.epoch, self.state.step = epoch + 1, 0
+            improved = metrics["top1"] > self.state.best
+            self.state.best = max(self.state.best, metrics["top1"])
+            record = {"epoch": epoch + 1, "train_loss": train_loss if seen else None,
+                      "lr": self.scheduler.get_last_lr()[0], "epoch_seconds": seconds,
+                      "eval_split": "val" if self.has_val else "test",
+                      **{f"eval_{k}": v for k, v in metrics.items()}}
+            if sd.enabled:
+                record["drop_rate"] = controller(self.raw).drop_rate
+            if self.main:
+                rundir.append_metrics(self.run_dir, record)
+                self.console.print(f"epoch {epoch + 1}/{t.epochs}: loss {train_loss:.4f}, "
+                                   f"{record['eval_split']} top-1 {metrics['top1']:.2f}%, "
+                                   f"{seconds:.1f} s", markup=False, soft_wrap=True)
+            if t.checkpoint_every and ((epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs):
+                self._save(f"epoch_{epoch + 1}")
+            if improved and t.checkpoint_every:
+                self._save("best")
+        train_seconds = time.perf_counter() - start
+
+        gated = evaluate(self.model, self.test_loader, accelerator)
+        model_path = self.run_dir / "model.safetensors"
+        final = fold(self.raw) if sd.enabled else self.raw
+        if not _all_finite(final):
+            raise self._diverged("the folded model's weights are not finite; it was not exported")
+        folded_metrics = evaluate(accelerator.prepare_model(final, evaluation_mode=True), self.test_loader,
+                                  accelerator) if sd.enabled else gated
+        result = TrainResult(run_dir=str(self.run_dir), epochs=t.epochs, train_seconds=train_seconds,
+                             gated=gated, folded=folded_metrics, model_path=str(model_path))
+        if self.main:
+            ckpt.save(final.to("cpu") if sd.enabled else final, model_path)
+            (self.run_dir / "result.json").write_text(json.dumps(rundir.json_safe(asdict(result)),
+                                                                 indent=2, allow_nan=False))
+        accelerator.wait_for_everyone()
+        if t.require_top1 is not None:
+            worst = min(gated["top1"], folded_metrics["top1"])
+            if worst < t.require_top1:
+                raise SurgeryError(f"test top-1 {worst:.2f}% (gated {gated['top1']:.2f}%, folded "
+                                   f"{folded_metrics['top1']:.2f}%) is below the recipe's "
+                                   f"train.require_top1 = {t.require_top1}")
+        return result
