@@ -19,7 +19,7 @@ app = typer.Typer(help="Give residual networks stochastic depth that really skip
                        "fine-tune them, fold the scaling back into the weights.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode=None)
-console = Console()
+console = Console(soft_wrap=True)  # one-line messages stay one line (logs, grep)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _state = {"debug": False}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,9 @@ _CHOICES = {
 }
 
 
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _check_type(path: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Union:
@@ -131,6 +135,8 @@ def _check_type(path: str, value: Any, tp: Any) -> Any:
         return _check_type(path, value, args[0])
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     expected = origin or tp
     if expected is float and isinstance(value, float):
         return value

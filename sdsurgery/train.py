@@ -307,9 +307,11 @@ class _Run:
         t, o = self.recipe.train, self.recipe.optimizer
         where = f" at epoch {epoch + 1}, step {step}" if epoch is not None else ""
         hint = "set train.clip_grad (e.g. 1.0)" if not t.clip_grad else f"lower train.clip_grad (now {t.clip_grad:g})"
-        return DivergenceError(f"training diverged{where}: {what}; nothing non-finite was saved "
-                               f"(the checkpoints are kept); lower optimizer.lr (now {o.lr:g}) or "
-                               f"{hint}, or let train.skip_nonfinite skip a few bad steps")
+        last = resume_state.checkpoints(self.run_dir)[-1:]
+        kept = (f"the last checkpoint, {last[0].relative_to(self.run_dir)}, is kept (--resume "
+                f"{self.run_dir} continues from it)" if last else "nothing was saved")
+        return DivergenceError(f"training diverged{where}: {what}; {kept}; lower optimizer.lr (now "
+                               f"{o.lr:g}) or {hint}, or let train.skip_nonfinite skip a few bad steps")
 
     def _step_is_bad(self, bad_loss: bool, norm: torch.Tensor | None) -> tuple[bool, str]:
         """Whether this optimizer step saw a non-finite loss or gradient on any process."""

@@ -182,3 +182,107 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     # same global batch, same gate seed: the ranks dropped what one process dropped
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+# ------------------------------------------------------------------- faults end in one line
+def _strict_json(line):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, no_md5):
+    from sdsurgery import resume
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    # lr 0.05 for one epoch, then 5e6: the second epoch diverges
+    path = recipe(tmp_path, "cifar10", epochs=3, keep_checkpoints=1)
+    r = runner.invoke(app, ["finetune", str(path), "--set", "schedule.gamma=1.0e8", "--set", "schedule.milestones=[1]"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: training diverged at epoch 2, step ") and r.stderr.count("\n") == 1
+    assert "checkpoints/epoch_1, is kept" in r.stderr and "optimizer.lr" in r.stderr
+    run = tmp_path / "run"
+    assert not (run / "model.safetensors").exists() and not (run / "result.json").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best", "epoch_1"]
+    for name in ("best", "epoch_1"):
+        ck = resume.read(run / "checkpoints" / name, 0)
+        assert all(torch.isfinite(t).all() for t in ck.model.values())
+    assert [_strict_json(l)["epoch"] for l in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_skip_nonfinite_skips_that_many_bad_steps_then_stops(tmp_path, no_md5, monkeypatch):
+    import torch.nn as nn
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    path = recipe(tmp_path, "cifar10", epochs=1)
+    real = nn.CrossEntropyLoss.forward
+    calls = []
+
+    def second_is_nan(self, logits, target):
+        calls.append(1)
+        loss = real(self, logits, target)
+        return loss * float("nan") if len(calls) == 2 else loss
+    monkeypatch.setattr(nn.CrossEntropyLoss, "forward", second_is_nan)
+    r = runner.invoke(app, ["finetune", str(path)])
+    assert r.exit_code == 2 and "diverged at epoch 1, step 2: the loss is not finite" in r.stderr, r.output
+    calls.clear()
+    r = runner.invoke(app, ["finetune", str(path), "--set", "train.skip_nonfinite=1",
+                            "--set", f"train.output_dir={tmp_path / 'skip'}"])
+    assert r.exit_code == 0, r.output
+    assert "warning: epoch 1, step 2: the loss is not finite" in r.output
+    assert "step skipped (1 of train.skip_nonfinite=1)" in r.output
+    assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "skip" / "model.safetensors")).values())
+
+
+def test_ctrl_c_exits_130_saying_what_was_saved(tmp_path, no_md5, monkeypatch):
+    from sdsurgery import train
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    path = recipe(tmp_path, "cifar10", epochs=3)
+
+    def interrupt(self, *a):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(train._Run, "_build", interrupt)
+        r = runner.invoke(app, ["finetune", str(path)])
+    assert r.exit_code == 130 and r.stderr == "interrupted; no checkpoint was saved\n", r.output
+    real = train._Run._epoch
+
+    def second_epoch_interrupted(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, epoch)
+    monkeypatch.setattr(train._Run, "_epoch", second_epoch_interrupted)
+    r = runner.invoke(app, ["finetune", str(path), "--set", f"train.output_dir={tmp_path / 'b'}"])
+    assert r.exit_code == 130, r.output
+    assert r.stderr.startswith(f"interrupted; the last checkpoint is {tmp_path / 'b' / 'checkpoints' / 'epoch_1'}")
+    assert f"--resume {tmp_path / 'b'}" in r.stderr and r.stderr.count("\n") == 1
+    assert not [p for p in (tmp_path / "b" / "checkpoints").iterdir() if p.suffix in (".tmp", ".old")]
+
+
+def test_two_runs_started_together_never_share_a_directory(tmp_path, no_md5):
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    path = recipe(tmp_path, "cifar10", epochs=2)
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    code = ("import torchvision.datasets.cifar as c; c.check_integrity = lambda *a, **k: True; "
+            "import sys; sys.argv = ['sdsurgery', 'finetune', sys.argv[1]]; from cli.main import main; main()")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    saved = sorted(line.split("model saved to ")[1].strip() for out, _ in outs
+                   for line in out.replace("\n", " ").split("training time")[1:])
+    runs = [tmp_path / "run", tmp_path / "run-2"]
+    assert saved == sorted(str(r / "model.safetensors") for r in runs), outs
+    for run in runs:
+        assert [m["epoch"] for m in _metrics(run)] == [1, 2]
+
+
+def test_a_locked_run_directory_is_refused_naming_its_holder(tmp_path, no_md5):
+    from sdsurgery import rundir
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    path = recipe(tmp_path, "cifar10", epochs=1)
+    assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
+    lock, _ = rundir.claim(tmp_path / "run", resume=True)
+    try:
+        r = runner.invoke(app, ["finetune", str(path), "--resume", str(tmp_path / "run"), "--set", "train.epochs=2"])
+        assert r.exit_code == 2 and f"in use by another sdsurgery run (PID {os.getpid()})" in r.stderr, r.output
+    finally:
+        lock.release()

@@ -91,3 +91,12 @@ def test_a_recipe_file_cannot_choose_code_to_run(tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(RecipeError, match="is empty"):
         load_recipe(empty)
+
+
+def test_every_float_spelling_is_a_float(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("optimizer: {lr: 1e-3, weight_decay: .0005}\n")
+    r = load_recipe(f, ["schedule.gamma=2E+1", "stochastic_depth.drop_rate=5e-1"])
+    assert (r.optimizer.lr, r.optimizer.weight_decay, r.schedule.gamma, r.stochastic_depth.drop_rate) == (1e-3, 5e-4, 20.0, 0.5)
+    with pytest.raises(RecipeError, match="optimizer.lr must be float, got str 'fast'"):
+        load_recipe(f, ["optimizer.lr=fast"])
