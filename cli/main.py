@@ -111,6 +111,31 @@ FACTORY_HELP = ("For a checkpoint of your own model: the factory that builds it 
                 "(package.module:fn or path/to/file.py:fn). A file never chooses code to run.")
 TRUST_HELP = "Build the model with the module:factory the checkpoint names (only for files you trust)."
 
+def _positive(**options: Optional[int]) -> None:
+    """One-line errors for sizes and counts below 1 (``image_size=0`` -> ``--image-size``)."""
+    for name, value in options.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: sdsurgery runs on cpu, cuda or mps")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible here "
+                         f"(torch.cuda.is_available() is False); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu")
+
+
 MODEL_HELP = ("Model: a name (timm, torchvision or sdsurgery), timm:NAME[.TAG], torchvision:NAME, "
               "hf-hub:REPO, package.module:factory or path/to/file.py:factory.")
 
@@ -203,6 +228,7 @@ def convert(model: str = typer.Argument(..., help=MODEL_HELP),
     Example: sdsurgery convert resnet152 --no-pretrained --drop-rate 0.5 -o resnet152_sd.safetensors
     """
     _checks(drop_rate, schedule, mode, scaling)
+    _positive(num_classes=num_classes, image_size=image_size)
     if output.suffix != ".safetensors":
         raise ValueError(f"-o {output}: the output must end in .safetensors")
     net = _build(model, pretrained, weights, num_classes, arg)
@@ -239,6 +265,7 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
     Examples: sdsurgery inspect torchvision:resnet152 | sdsurgery inspect x.safetensors --json
     """
     _checks(drop_rate, schedule, mode, "expectation")
+    _positive(num_classes=num_classes, image_size=image_size)
     net = None
     if target.endswith(".safetensors"):
         meta = sdsurgery.read_metadata(target)
@@ -269,6 +296,7 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
 def fold(checkpoint: Path = typer.Argument(..., help="A converted .safetensors checkpoint."),
          output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
          keep_scale: bool = typer.Option(False, help="Keep an explicit scale on branches that cannot fold."),
+         force: bool = typer.Option(False, "--force", help="Allow -o to be the input file (replaces it)."),
          factory: Optional[str] = typer.Option(None, help=FACTORY_HELP),
          trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
          ) -> None:
@@ -278,6 +306,9 @@ def fold(checkpoint: Path = typer.Argument(..., help="A converted .safetensors c
     """
     if output.suffix != ".safetensors":
         raise ValueError(f"-o {output}: the output must end in .safetensors")
+    if not force and output.exists() and checkpoint.exists() and output.resolve() == checkpoint.resolve():
+        raise ValueError(f"-o {output} is the input checkpoint: folding would replace the converted "
+                         f"model; write to another file, or pass --force to replace it")
     net = sdsurgery.load(checkpoint, factory=factory, trust_code=trust_code)
     if not sdsurgery.is_converted(net):
         raise ValueError(f"{checkpoint} holds no stochastic-depth gates (it is already folded or "
@@ -312,6 +343,8 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
     from sdsurgery.bench import run_bench
 
     _checks(drop_rate, "linear", mode, "expectation")
+    _positive(batch_size=batch_size, image_size=image_size, steps=steps)
+    _check_device(device)
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     kwargs = _parse_args(arg)
@@ -417,6 +450,7 @@ def eval_(checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint
     from sdsurgery.data import load_datasets
     from sdsurgery.train import evaluate
 
+    _positive(image_size=image_size, batch_size=batch_size)
     model = sdsurgery.load(checkpoint, factory=factory, trust_code=trust_code)
     splits = load_datasets(dataset, data_dir, image_size=image_size)
     loader = torch.utils.data.DataLoader(splits.test, batch_size=batch_size)

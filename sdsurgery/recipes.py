@@ -126,6 +126,51 @@ _CHOICES = {
 _FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+# (section, key): (lowest, highest, lowest allowed, highest allowed); None: no bound
+_RANGES = {
+    ("model", "num_classes"): (1, None, True, True),
+    ("data", "image_size"): (1, None, True, True),
+    ("data", "val_split"): (0, None, True, True),
+    ("data", "workers"): (0, None, True, True),
+    ("optimizer", "lr"): (0, None, False, True),
+    ("optimizer", "momentum"): (0, 1, True, False),
+    ("optimizer", "weight_decay"): (0, None, True, True),
+    ("schedule", "gamma"): (0, None, False, True),
+    ("schedule", "warmup_epochs"): (0, None, True, True),
+    ("stochastic_depth", "drop_rate"): (0, 1, True, False),
+    ("stochastic_depth", "warmup_epochs"): (0, None, True, True),
+    ("train", "epochs"): (1, None, True, True),
+    ("train", "batch_size"): (1, None, True, True),
+    ("train", "grad_accum"): (1, None, True, True),
+    ("train", "clip_grad"): (0, None, False, True),
+    ("train", "label_smoothing"): (0, 1, True, False),
+    ("train", "checkpoint_every"): (0, None, True, True),
+    ("train", "checkpoint_every_steps"): (1, None, True, True),
+    ("train", "keep_checkpoints"): (1, None, True, True),
+    ("train", "eval_batch_size"): (1, None, True, True),
+    ("train", "max_steps_per_epoch"): (1, None, True, True),
+    ("train", "require_top1"): (0, 100, True, True),
+    ("train", "skip_nonfinite"): (0, None, True, True),
+}
+
+
+def _check_range(where: str, value: Any, bounds: tuple) -> None:
+    lo, hi, lo_ok, hi_ok = bounds
+    fits = ((lo is None or value > lo or (lo_ok and value == lo))
+            and (hi is None or value < hi or (hi_ok and value == hi)))
+    if not fits:  # NaN fits nothing
+        low = "" if lo is None else f"{'>=' if lo_ok else '>'} {lo}"
+        high = "" if hi is None else f"{'<=' if hi_ok else '<'} {hi}"
+        raise RecipeError(f"{where} must be {' and '.join(x for x in (low, high) if x)}, got {value!r}")
+
+
+def _check_list(where: str, value: list, positive: bool) -> None:
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 if positive else v >= 0):
+            raise RecipeError(f"{where} must hold {'positive' if positive else 'non-negative'} "
+                              f"numbers, got {v!r}")
+
+
 def _check_type(path: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Union:
@@ -169,6 +214,11 @@ def _build(cls: type, data: Any, path: str):
             allowed = _CHOICES.get((section, key))
             if allowed and kwargs[key] not in allowed:
                 raise RecipeError(f"{where} must be one of {', '.join(allowed)}, got {kwargs[key]!r}")
+            if (section, key) in _RANGES and kwargs[key] is not None:
+                _check_range(where, kwargs[key], _RANGES[(section, key)])
+            if (section, key) in (("schedule", "milestones"), ("data", "mean"), ("data", "std")) \
+                    and kwargs[key] is not None:
+                _check_list(where, kwargs[key], positive=key == "std")
     return cls(**kwargs)
 
 

@@ -86,9 +86,21 @@ def test_bench_writes_json(tmp_path):
     (["fold", "{tmp}/junk.safetensors", "-o", "{tmp}/b.safetensors"], ["not a readable safetensors file"]),
     (["fold", "{tmp}/foreign.safetensors", "-o", "{tmp}/b.safetensors"], ["without sdsurgery metadata"]),
     (["convert", "resnet18", "--weights", "{tmp}/foreign.safetensors", "-o", "{tmp}/a.safetensors"], ["does not fit ResNet: keys"]),
+    (["convert", "resnet18", "--no-pretrained", "--num-classes", "0", "-o", "{tmp}/a.safetensors"], ["--num-classes must be at least 1, got 0"]),
+    (["convert", "resnet18", "--no-pretrained", "--image-size", "-3", "-o", "{tmp}/a.safetensors"], ["--image-size must be at least 1, got -3"]),
+    (["inspect", "resnet18", "--image-size", "0"], ["--image-size must be at least 1"]),
+    (["bench", "resnet18", "--batch-size", "0"], ["--batch-size must be at least 1, got 0"]),
+    (["bench", "resnet18", "--steps", "0"], ["--steps must be at least 1, got 0"]),
+    (["bench", "resnet18", "--image-size", "0"], ["--image-size must be at least 1"]),
+    (["bench", "resnet18", "--device", "tpu"], ["--device 'tpu' is not a device"]),
+    (["eval", "{tmp}/junk.safetensors", "--dataset", "digits", "--image-size", "0"], ["--image-size must be at least 1"]),
+    (["eval", "{tmp}/junk.safetensors", "--dataset", "digits", "--batch-size", "-1"], ["--batch-size must be at least 1"]),
+    (["finetune", "{tmp}/empty.yaml"], ["is empty"]),
+    (["finetune", "{tmp}/empty.yaml", "--set", "train.epochs=-1"], ["is empty"]),
 ])
 def test_user_errors_exit_2_with_one_line(tmp_path, args, fragments):
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    (tmp_path / "empty.yaml").write_text("")
     import torch
     save_file({"w": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
     result = run(*[a.replace("{tmp}", str(tmp_path)) for a in args])
@@ -176,3 +188,39 @@ def test_convert_reports_masked_branches(tmp_path):
     r = run("inspect", f"{f}:make", "--json", "--image-size", "8")
     rows = {x["name"]: x for x in json.loads(r.stdout)["residuals"]}
     assert "also used outside" in rows["f1"]["masked"] and rows["f2"]["masked"] is None
+
+
+def test_bench_on_a_gpu_that_is_not_there_is_one_line(monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _one_line_error(run("bench", "resnet18", "--device", "cuda"), "no CUDA GPU is visible here", "--device cpu")
+
+
+def test_fold_will_not_replace_its_input_without_force(tmp_path):
+    src = tmp_path / "c.safetensors"
+    assert run("convert", "cifar_resnet20", "--no-pretrained", "-o", src).exit_code == 0
+    before = src.read_bytes()
+    _one_line_error(run("fold", src, "-o", src), "is the input checkpoint", "--force")
+    assert src.read_bytes() == before
+    r = run("fold", src, "-o", src, "--force")
+    assert r.exit_code == 0, r.output
+    assert sdsurgery.read_metadata(src)["folded"]
+
+
+def test_outputs_follow_the_umask(tmp_path):
+    import os
+    old = os.umask(0o022)
+    try:
+        assert run("convert", "cifar_resnet20", "--no-pretrained", "-o", tmp_path / "c.safetensors").exit_code == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+def test_ctrl_c_in_any_command_is_130_and_one_line(monkeypatch, tmp_path):
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sdsurgery, "convert", interrupt)
+    r = run("convert", "cifar_resnet20", "--no-pretrained", "-o", tmp_path / "c.safetensors")
+    assert r.exit_code == 130 and r.stderr == "interrupted; nothing was written\n", r.output
+    assert list(tmp_path.iterdir()) == []

@@ -100,3 +100,24 @@ def test_every_float_spelling_is_a_float(tmp_path):
     assert (r.optimizer.lr, r.optimizer.weight_decay, r.schedule.gamma, r.stochastic_depth.drop_rate) == (1e-3, 5e-4, 20.0, 0.5)
     with pytest.raises(RecipeError, match="optimizer.lr must be float, got str 'fast'"):
         load_recipe(f, ["optimizer.lr=fast"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=-1", "train.epochs must be >= 1, got -1"),
+    ("train.epochs=0", "train.epochs must be >= 1"),
+    ("train.batch_size=0", "train.batch_size must be >= 1"),
+    ("optimizer.lr=0", "optimizer.lr must be > 0"),
+    ("optimizer.lr=.nan", "optimizer.lr must be > 0, got nan"),
+    ("optimizer.momentum=1.0", "optimizer.momentum must be >= 0 and < 1"),
+    ("stochastic_depth.drop_rate=1", "stochastic_depth.drop_rate must be >= 0 and < 1"),
+    ("data.image_size=-8", "data.image_size must be >= 1"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
+    ("train.skip_nonfinite=-2", "train.skip_nonfinite must be >= 0"),
+    ("schedule.milestones=[2, -1]", "schedule.milestones must hold non-negative numbers, got -1"),
+    ("data.std=[0.5, 0, 0.5]", "data.std must hold positive numbers, got 0"),
+])
+def test_nonsense_values_are_refused(tmp_path, override, message):
+    f = tmp_path / "r.yaml"
+    f.write_text("train: {epochs: 3}\n")
+    with pytest.raises(RecipeError, match=message.replace("[", "\\[").replace("(", "\\(")):
+        load_recipe(f, [override])
