@@ -1,1 +1,36 @@
 """Command-line front end of sdsurgery (typer). The library never imports this package."""
+import signal
+import sys
+
+_interrupted = False
+
+
+def _on_sigint(signum, frame):
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C was pressed. An import cut short by it can fail later with another error
+    (numpy half-imported: RecursionError); such errors are reported as the interruption."""
+    return _interrupted
+
+
+def run() -> None:
+    """The ``sdsurgery`` entry point. Ctrl-C at any moment, even while torch is still being
+    imported, ends with exit code 130 and one line (never a traceback)."""
+    try:
+        signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        from cli.main import main
+        main()
+    except SystemExit:
+        raise
+    except BaseException as e:
+        if not (_interrupted or isinstance(e, KeyboardInterrupt)):
+            raise
+        sys.stderr.write("interrupted; nothing was written\n")
+        sys.exit(130)

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 import sdsurgery
+from cli import interrupted
 
 app = typer.Typer(help="Give residual networks stochastic depth that really skips compute, "
                        "fine-tune them, fold the scaling back into the weights.",
@@ -53,8 +54,13 @@ def user_errors(fn: Callable) -> Callable:
             err.print(str(e) if isinstance(e, Interrupted) else "interrupted; nothing was written",
                       markup=False)
             raise typer.Exit(130)
-        except (sdsurgery.SurgeryError, ValueError, OSError) as e:
+        except Exception as e:
             if _state["debug"]:
+                raise
+            if interrupted():  # an import cut short by Ctrl-C fails in its own way
+                err.print("interrupted", markup=False)
+                raise typer.Exit(130)
+            if not isinstance(e, (sdsurgery.SurgeryError, ValueError, OSError)):
                 raise
             message = " ".join(str(e).split()) or type(e).__name__
             if isinstance(e, sdsurgery.TraceError) and e.module:

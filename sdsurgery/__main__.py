@@ -1,4 +1,4 @@
 """`python -m sdsurgery ...` runs the command line (the same as the `sdsurgery` script)."""
-from cli.main import main
+from cli import run
 
-main()
+run()

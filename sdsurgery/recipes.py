@@ -261,6 +261,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, *,
         raise RecipeError(f"{path} is not valid YAML: {' '.join(str(e).split())}") from e
     if not data:
         raise RecipeError(f"recipe {path} is empty; start from one in recipes/ (e.g. recipes/demo.yaml)")
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections (model:, data:, train: ...), "
+                          f"got {type(data).__name__}")
     recipe = parse_recipe(apply_overrides(data, overrides or []))
     named = data.get("model", {}).get("name") if isinstance(data.get("model"), dict) else None
     if not trust_code and recipe.model.name == named and split_spec(named)[0] == "factory":

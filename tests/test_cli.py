@@ -224,3 +224,21 @@ def test_ctrl_c_in_any_command_is_130_and_one_line(monkeypatch, tmp_path):
     r = run("convert", "cifar_resnet20", "--no-pretrained", "-o", tmp_path / "c.safetensors")
     assert r.exit_code == 130 and r.stderr == "interrupted; nothing was written\n", r.output
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("delay", [0.5, 4.0])
+def test_a_real_sigint_at_start_up_is_130_and_one_line(tmp_path, delay):
+    import os
+    import signal
+    import time
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {{dataset: digits}}\ntrain: {{epochs: 500, output_dir: {tmp_path / 'run'}}}\n")
+    script = Path(sys.executable).parent / "sdsurgery"  # the installed entry point users run
+    proc = subprocess.Popen([str(script), "finetune", str(recipe)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(delay)  # 0.5 s: still importing torch; 4 s: building the model or training
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.startswith("interrupted; ") and err.count("\n") == 1, err
+    assert not list(tmp_path.rglob("*.tmp"))

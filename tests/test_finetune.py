@@ -286,3 +286,25 @@ def test_a_locked_run_directory_is_refused_naming_its_holder(tmp_path, no_md5):
         assert r.exit_code == 2 and f"in use by another sdsurgery run (PID {os.getpid()})" in r.stderr, r.output
     finally:
         lock.release()
+
+
+def test_a_full_disk_ends_in_one_line_and_leaves_no_partial_checkpoint(tmp_path, no_md5, monkeypatch):
+    import errno
+    import safetensors.torch
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    path = recipe(tmp_path, "cifar10", epochs=2)
+    real, calls = safetensors.torch.save_file, []
+
+    def full_after_first_checkpoint(*a, **k):
+        calls.append(1)
+        if len(calls) > 4:  # epoch_1 and best are written (rng + state each), then the disk fills
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*a, **k)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_after_first_checkpoint)
+    r = runner.invoke(app, ["finetune", str(path)])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("error: cannot write checkpoint") and "No space left on device" in r.stderr
+    assert r.stderr.count("\n") == 1
+    ck = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["best", "epoch_1"]
+    assert not (tmp_path / "run" / "model.safetensors").exists()

@@ -91,6 +91,9 @@ def test_a_recipe_file_cannot_choose_code_to_run(tmp_path):
     empty.write_text("# nothing\n")
     with pytest.raises(RecipeError, match="is empty"):
         load_recipe(empty)
+    empty.write_text("- model\n- data\n")
+    with pytest.raises(RecipeError, match="must be a mapping of sections"):
+        load_recipe(empty)
 
 
 def test_every_float_spelling_is_a_float(tmp_path):
