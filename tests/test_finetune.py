@@ -297,7 +297,7 @@ def test_a_full_disk_ends_in_one_line_and_leaves_no_partial_checkpoint(tmp_path,
 
     def full_after_first_checkpoint(*a, **k):
         calls.append(1)
-        if len(calls) > 4:  # epoch_1 and best are written (rng + state each), then the disk fills
+        if len(calls) > 6:  # epoch_1 and best are written (rng, model, state each), then the disk fills
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(*a, **k)
     monkeypatch.setattr(safetensors.torch, "save_file", full_after_first_checkpoint)
