@@ -94,6 +94,7 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # for smoke tests
     require_top1: Optional[float] = None   # fail the run if the test top-1 (%) ends below this
     skip_nonfinite: int = 0                # skip up to N steps with a non-finite loss/gradient, then stop
+    log_every_steps: Optional[int] = None  # steps.jsonl (and a console line without a terminal) every N steps; default ~10% of an epoch
 
 
 @dataclass
@@ -151,6 +152,7 @@ _RANGES = {
     ("train", "max_steps_per_epoch"): (1, None, True, True),
     ("train", "require_top1"): (0, 100, True, True),
     ("train", "skip_nonfinite"): (0, None, True, True),
+    ("train", "log_every_steps"): (1, None, True, True),
 }
 
 

@@ -21,11 +21,12 @@ try:
 except ImportError:  # Windows: no flock; runs are not locked there
     fcntl = None
 
-__all__ = ["LOCK", "METRICS", "RunDirError", "RunLock", "claim", "append_metrics", "truncate_metrics",
+__all__ = ["LOCK", "METRICS", "STEPS", "RunDirError", "RunLock", "claim", "append_metrics", "truncate_metrics",
            "json_safe"]
 
 LOCK = ".lock"
-METRICS = "metrics.jsonl"
+METRICS = "metrics.jsonl"   # one line per epoch
+STEPS = "steps.jsonl"       # one line every train.log_every_steps optimizer steps
 
 
 class RunDirError(SurgeryError, ValueError):
@@ -115,25 +116,26 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one line to ``metrics.jsonl`` (valid JSON: non-finite numbers become null)."""
-    with open(Path(run_dir) / METRICS, "a") as f:
+def append_metrics(run_dir: Path, record: dict[str, Any], name: str = METRICS) -> None:
+    """Append one line to ``metrics.jsonl`` (or ``name``); valid JSON: non-finite numbers
+    become null."""
+    with open(Path(run_dir) / name, "a") as f:
         f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
 
-def truncate_metrics(run_dir: Path, epochs_done: int) -> int:
-    """Keep the lines of the first ``epochs_done`` epochs (a run killed after writing a line
-    but before its checkpoint would otherwise repeat it on resume); returns lines dropped."""
-    path = Path(run_dir) / METRICS
+def truncate_metrics(run_dir: Path, done: int, name: str = METRICS, key: str = "epoch") -> int:
+    """Keep the lines whose ``key`` is at most ``done`` (a run killed after writing a line but
+    before its checkpoint would otherwise repeat it on resume); returns the lines dropped."""
+    path = Path(run_dir) / name
     if not path.is_file():
         return 0
     keep, dropped = [], 0
     for line in path.read_text().splitlines():
         try:
-            epoch = json.loads(line).get("epoch")
+            value = json.loads(line).get(key)
         except (ValueError, AttributeError):
-            epoch = None
-        if isinstance(epoch, int) and epoch <= epochs_done:
+            value = None
+        if isinstance(value, int) and value <= done:
             keep.append(line)
         else:
             dropped += 1

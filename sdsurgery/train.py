@@ -129,6 +129,11 @@ def _all_finite(model: nn.Module) -> bool:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _grad_norm(model: nn.Module) -> torch.Tensor:
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
@@ -149,6 +154,7 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
         raise SurgeryError(f"--resume {resume}: no checkpoints/epoch_N directory there to resume from")
     accelerator = Accelerator(
         mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+        step_scheduler_with_optimizer=False,  # stepped once per optimizer step by the loop
         cpu=t.cpu or not torch.cuda.is_available(),
         # one permutation per epoch from the recipe's seed, whatever the number of processes
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -297,6 +303,8 @@ class _Run:
             resume_state.restore_rng(ck.rng)
         if self.main:
             dropped = rundir.truncate_metrics(self.run_dir, self.state.epoch)
+            rundir.truncate_metrics(self.run_dir, self.state.epoch * self.steps_per_epoch + self.state.step,
+                                    rundir.STEPS, key="global_step")
             self.console.print(f"resumed from {ck.directory} (epoch {self.state.epoch} done"
                                + (f", {self.state.step} steps into the next)" if self.state.step else ")")
                                + (f"; dropped {dropped} metrics lines written after it" if dropped else ""),
@@ -323,14 +331,55 @@ class _Run:
                                                                       flags[1])) if f > 0]
         return bool(what), " and ".join(what)
 
-    def _epoch(self, epoch: int) -> tuple[float, int, float]:
-        """One epoch of training; returns (mean loss, images seen, seconds)."""
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    def _mean_loss(self, total: float, count: int) -> float | None:
+        """The mean of a loss summed over ``count`` images on every process (a collective)."""
+        both = torch.tensor([total, float(count)], device=self.accelerator.device, dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            both = self.accelerator.reduce(both, reduction="sum")
+        return float(both[0] / both[1]) if both[1] > 0 else None
 
-        from .surgery import set_drop_rate
+    def _log_step(self, epoch: int, steps: int, lr: float, window: list, t0: float) -> None:
+        """One line of ``steps.jsonl`` (and, without a terminal, of the console) every
+        ``train.log_every_steps`` optimizer steps: global step, lr, mean loss, drop rate, speed."""
+        from .surgery import controller
+
+        t = self.recipe.train
+        loss = self._mean_loss(window[0], window[1])
+        images = window[1] * self.accelerator.num_processes
+        now = time.perf_counter()
+        speed = images / max(now - window[2], 1e-9)
+        window[:] = [0.0, 0, now]
+        if not self.main:
+            return
+        step = epoch * self.steps_per_epoch + steps
+        record = {"epoch": epoch + 1, "step": steps, "global_step": step, "lr": lr, "loss": loss,
+                  "images_per_second": speed}
+        if self.recipe.stochastic_depth.enabled:
+            record["drop_rate"] = controller(self.raw).drop_rate
+        rundir.append_metrics(self.run_dir, record, rundir.STEPS)
+        if not self.console.is_terminal:  # log files and schedulers get a line instead of a bar
+            total = t.epochs * self.steps_per_epoch
+            done = step - self.first_step
+            eta = (now - self.started) / max(done, 1) * (total - step)
+            self.console.print(f"epoch {epoch + 1}/{t.epochs} step {steps}/{self.steps_per_epoch}: "
+                               f"loss {loss if loss is not None else float('nan'):.4f} lr {lr:.4g} "
+                               f"{speed:.0f} img/s, ETA {_clock(eta)}", markup=False, soft_wrap=True)
+
+    def _epoch(self, epoch: int) -> tuple[float | None, int, float]:
+        """One epoch of training; returns (mean loss over all processes, images seen, seconds).
+
+        The learning rate and the drop-rate warm-up are functions of the global optimizer step
+        (``epoch * steps_per_epoch + step``), so they are the same for any number of processes
+        and any ``grad_accum`` with the same global batch: the scheduler is stepped once per
+        optimizer step (accelerate's own stepping assumes a schedule written for one process
+        and steps it ``num_processes`` times)."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from .surgery import controller, set_drop_rate
 
         t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
         loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        log_every = t.log_every_steps or max(1, self.steps_per_epoch // 10)
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)  # the epoch's permutation, resumed or not
         self.train_set.set_epoch(epoch)  # and its augmentations
@@ -341,16 +390,26 @@ class _Run:
             batches = accelerator.skip_first_batches(self.train_loader, self.state.step * t.grad_accum)
             steps = self.state.step
         t0 = time.perf_counter()
+        window = [0.0, 0, t0]  # loss sum, images, start of the logging window
         progress = Progress(TextColumn(f"epoch {epoch + 1}/{t.epochs}"), BarColumn(),
-                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                            TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(),
                             console=self.console, disable=not (self.main and self.console.is_terminal),
                             transient=True)
         with progress:
-            task = progress.add_task("train", total=self.steps_per_epoch, info="")
-            for i, (x, y) in enumerate(batches, start=steps * t.grad_accum):
-                if sd.enabled and sd.warmup_epochs > 0:
-                    frac = min(1.0, (epoch + i / max(1, len(self.train_loader))) / sd.warmup_epochs)
+            task = progress.add_task("train", total=self.steps_per_epoch, completed=steps, info="")
+            gates = controller(self.raw) if sd.enabled else None
+            for micro, (x, y) in enumerate(batches):
+                if gates is not None and sd.warmup_epochs > 0:
+                    frac = min(1.0, (epoch + steps / self.steps_per_epoch) / sd.warmup_epochs)
                     set_drop_rate(self.raw, sd.drop_rate * frac)
+                if gates is not None and t.grad_accum > 1:
+                    # One decision per optimizer step, as for one large batch (and as data-
+                    # parallel ranks share theirs): every micro-batch replays the same draws.
+                    if micro % t.grad_accum == 0:
+                        draws = gates.generator.get_state()
+                    else:
+                        gates.generator.set_state(draws)
                 with accelerator.accumulate(self.model):
                     loss = loss_fn(self.model(x), y)
                     accelerator.backward(loss)
@@ -365,6 +424,7 @@ class _Run:
                         bad_loss = False
                         if bad and self.state.skipped >= t.skip_nonfinite:
                             raise self._diverged(what, epoch, steps + 1)
+                        lr = self.optimizer.param_groups[0]["lr"]
                         if bad:
                             self.state.skipped += 1
                             if self.main:
@@ -373,23 +433,28 @@ class _Run:
                                                    f"train.skip_nonfinite={t.skip_nonfinite})", markup=False, soft_wrap=True)
                         else:
                             self.optimizer.step()
-                            self.scheduler.step()
+                            if not self.optimizer.step_was_skipped:  # AMP skipped an inf step
+                                self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 if math.isfinite(value):
                     loss_sum += value * y.shape[0]
+                    window[0] += value * y.shape[0]
+                    window[1] += y.shape[0]
                 seen += y.shape[0]
                 if accelerator.sync_gradients:
                     steps += 1
                     progress.update(task, advance=1, info=(
-                        f"loss {loss_sum / seen:.3f} lr {self.scheduler.get_last_lr()[0]:.4g} "
+                        f"loss {loss_sum / seen:.3f} lr {lr:.4g} "
                         f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f} img/s"))
+                    if steps % log_every == 0 or steps == self.steps_per_epoch:
+                        self._log_step(epoch, steps, lr, window, t0)
                     if t.checkpoint_every_steps and steps % t.checkpoint_every_steps == 0 \
                             and steps < self.steps_per_epoch:
                         self.state.step = steps
                         self._save(f"epoch_{epoch}_step_{steps}")
-                    if t.max_steps_per_epoch and steps >= t.max_steps_per_epoch:
+                    if steps >= self.steps_per_epoch:
                         break
-        return loss_sum / max(seen, 1), seen, time.perf_counter() - t0
+        return self._mean_loss(loss_sum, seen), seen, time.perf_counter() - t0
 
     def train(self, resume: bool) -> TrainResult:
         from . import checkpoint as ckpt
@@ -403,7 +468,8 @@ class _Run:
             (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
         if resume:
             self._resume()
-        start = time.perf_counter()
+        start = self.started = time.perf_counter()
+        self.first_step = self.state.epoch * self.steps_per_epoch + self.state.step
         for epoch in range(self.state.epoch, t.epochs):
             train_loss, seen, seconds = self._epoch(epoch)
             if not _all_finite(self.raw):
@@ -412,7 +478,7 @@ class _Run:
             self.state.epoch, self.state.step = epoch + 1, 0
             improved = metrics["top1"] > self.state.best
             self.state.best = max(self.state.best, metrics["top1"])
-            record = {"epoch": epoch + 1, "train_loss": train_loss if seen else None,
+            record = {"epoch": epoch + 1, "train_loss": train_loss,
                       "lr": self.scheduler.get_last_lr()[0], "epoch_seconds": seconds,
                       "eval_split": "val" if self.has_val else "test",
                       **{f"eval_{k}": v for k, v in metrics.items()}}
@@ -420,7 +486,7 @@ class _Run:
                 record["drop_rate"] = controller(self.raw).drop_rate
             if self.main:
                 rundir.append_metrics(self.run_dir, record)
-                self.console.print(f"epoch {epoch + 1}/{t.epochs}: loss {train_loss:.4f}, "
+                self.console.print(f"epoch {epoch + 1}/{t.epochs}: loss {train_loss or float('nan'):.4f}, "
                                    f"{record['eval_split']} top-1 {metrics['top1']:.2f}%, "
                                    f"{seconds:.1f} s", markup=False, soft_wrap=True)
             if t.checkpoint_every and ((epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs):

@@ -151,37 +151,64 @@ def test_killed_mid_epoch_resumes_exactly(tmp_path, no_md5):
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
 
-def _torchrun_recipe(tmp_path, name, batch_size):
+def _torchrun_recipe(tmp_path, name, batch_size, grad_accum=1, schedule=None):
     r = {
         "model": {"name": "models:residual_convnet"},
         "data": {"dataset": "fake", "augment": False, "image_size": 8},
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.0},
-        "schedule": {"name": "constant"},
-        "stochastic_depth": {"drop_rate": 0.5},
-        "train": {"epochs": 1, "batch_size": batch_size, "seed": 3, "cpu": True,
-                  "max_steps_per_epoch": 6, "output_dir": str(tmp_path / name), "checkpoint_every": 0},
+        "schedule": schedule or {"name": "constant"},
+        "stochastic_depth": {"drop_rate": 0.5, "warmup_epochs": 1},
+        "train": {"epochs": 2, "batch_size": batch_size, "grad_accum": grad_accum, "seed": 3, "cpu": True,
+                  "max_steps_per_epoch": 5, "output_dir": str(tmp_path / name), "checkpoint_every": 0,
+                  "log_every_steps": 1},
     }
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(r))
     return path
 
 
-def test_two_cpu_processes_match_one_process(tmp_path):
+def _per_step(run):
+    """(global step, lr, drop rate) of every logged step."""
+    return [(json.loads(l)["global_step"], json.loads(l)["lr"], json.loads(l)["drop_rate"])
+            for l in (run / "steps.jsonl").read_text().splitlines()]
+
+
+def _flat(rows):
+    return [v for row in rows for v in row]
+
+
+@pytest.mark.parametrize("schedule", [
+    {"name": "cosine", "warmup_epochs": 0.4},
+    {"name": "step", "milestones": [1], "gamma": 0.1, "warmup_epochs": 0.4},
+], ids=["cosine", "step"])
+def test_two_cpu_processes_and_grad_accum_match_one_process(tmp_path, schedule):
+    """Same global batch (8 = 1 x 8 = 1 x 4 x grad_accum 2 = 2 ranks x 4): the same learning
+    rate and drop rate at every global step, and the same weights at the end."""
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "sdsurgery", "finetune", str(_torchrun_recipe(tmp_path, "one", 8)), "--trust-code"],
-                         env=env, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
+    for name, batch, accum in (("one", 8, 1), ("accum", 4, 2)):
+        r = subprocess.run([sys.executable, "-m", "sdsurgery", "finetune", "--trust-code",
+                            str(_torchrun_recipe(tmp_path, name, batch, accum, schedule))],
+                           env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "sdsurgery", "finetune",
-                          str(_torchrun_recipe(tmp_path, "two", 4)), "--trust-code"],
+                          "--master_port", "29517", "-m", "sdsurgery", "finetune", "--trust-code",
+                          str(_torchrun_recipe(tmp_path, "two", 4, 1, schedule))],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    # only the main process writes: one metrics line, one model
-    assert len(_metrics(tmp_path / "two")) == 1
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    # same global batch, same gate seed: the ranks dropped what one process dropped
-    for k in a:
-        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    one = _per_step(tmp_path / "one")
+    assert [s for s, _, _ in one] == list(range(1, 11))
+    lrs = [lr for _, lr, _ in one]
+    assert lrs[0] < lrs[1] <= 0.1 and min(lrs[4:]) < 0.05, lrs  # warm-up, then the schedule decays
+    for other in ("accum", "two"):
+        assert _flat(_per_step(tmp_path / other)) == pytest.approx(_flat(one), rel=1e-12), other
+    # only the main process writes: one metrics line per epoch, one model
+    assert len(_metrics(tmp_path / "two")) == 2
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    for other in ("accum", "two"):
+        b = load_file(str(tmp_path / other / "model.safetensors"))
+        # same global batch, same gate seed: the ranks dropped what one process dropped
+        for k in a:
+            assert torch.allclose(a[k], b[k], atol=1e-5), (other, k)
 
 
 # ------------------------------------------------------------------- faults end in one line
