@@ -94,7 +94,7 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # for smoke tests
     require_top1: Optional[float] = None   # fail the run if the test top-1 (%) ends below this
     skip_nonfinite: int = 0                # skip up to N steps with a non-finite loss/gradient, then stop
-    log_every_steps: Optional[int] = None  # steps.jsonl (and a console line without a terminal) every N steps; default ~10% of an epoch
+    log_every_steps: Optional[int] = None  # a steps.jsonl line every N optimizer steps (default: ~10% of an epoch); without a terminal also a console line (at most one per 10 s)
 
 
 @dataclass

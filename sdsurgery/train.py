@@ -43,9 +43,11 @@ class TrainResult:
     run_dir: str
     epochs: int
     train_seconds: float
-    gated: dict[str, float]    # test metrics of the gated model (eval mode)
-    folded: dict[str, float]   # test metrics of the folded model
+    gated: dict[str, float]    # test metrics of the gated model (eval mode), evaluated once
+    folded: dict[str, float]   # test metrics of the folded model (the exported one)
     model_path: str
+    best_val_top1: float | None = None  # the best epoch's validation top-1 (None: no val split)
+    best_epoch: int | None = None       # checkpoints/best is that epoch's state
 
 
 class DivergenceError(SurgeryError):
@@ -64,13 +66,16 @@ class _EpochState:
         self.step = 0       # optimizer steps completed in the current epoch (mid-epoch checkpoints)
         self.best = -1.0
         self.skipped = 0    # non-finite steps skipped (train.skip_nonfinite)
+        self.best_epoch: int | None = None  # the epoch of the best validation top-1
 
     def state_dict(self):
-        return {"epoch": self.epoch, "step": self.step, "best": self.best, "skipped": self.skipped}
+        return {"epoch": self.epoch, "step": self.step, "best": self.best, "skipped": self.skipped,
+                "best_epoch": self.best_epoch}
 
     def load_state_dict(self, d):
         self.epoch, self.step, self.best = int(d["epoch"]), int(d.get("step", 0)), float(d["best"])
         self.skipped = int(d.get("skipped", 0))
+        self.best_epoch = None if d.get("best_epoch") is None else int(d["best_epoch"])
 
 
 def _lr_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
@@ -127,6 +132,9 @@ def evaluate(model: nn.Module, loader, accelerator=None) -> dict[str, float]:
 def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+_PRINT_EVERY_S = 10.0  # progress lines without a terminal: at most one per this many seconds
 
 
 def _clock(seconds: float) -> str:
@@ -233,8 +241,12 @@ class _Run:
         self.train_set = SeededAugmentation(splits.train, t.seed)
         train_loader = torch.utils.data.DataLoader(self.train_set, batch_size=t.batch_size, shuffle=True,
                                                    drop_last=len(self.train_set) > t.batch_size, **loader_kw)
-        eval_set = splits.val if splits.val is not None else splits.test
-        eval_loader = torch.utils.data.DataLoader(eval_set, batch_size=t.eval_batch_size, **loader_kw)
+        # Without a validation split nothing is evaluated per epoch: "best" is never chosen on
+        # the test set, which is evaluated once, at the end.
+        eval_loader = (torch.utils.data.DataLoader(splits.val, batch_size=t.eval_batch_size, **loader_kw)
+                       if splits.val is not None else None)
+        self.split_sizes = {"train": len(splits.train), "val": len(splits.val) if splits.val is not None else 0,
+                            "test": len(splits.test)}
         test_loader = torch.utils.data.DataLoader(splits.test, batch_size=t.eval_batch_size, **loader_kw)
         optimizer = _optimizer(recipe, model)
         steps = math.ceil(len(train_loader) / accelerator.num_processes / t.grad_accum)
@@ -357,7 +369,9 @@ class _Run:
         if self.recipe.stochastic_depth.enabled:
             record["drop_rate"] = controller(self.raw).drop_rate
         rundir.append_metrics(self.run_dir, record, rundir.STEPS)
-        if not self.console.is_terminal:  # log files and schedulers get a line instead of a bar
+        if not self.console.is_terminal and now - self.printed >= _PRINT_EVERY_S:
+            # log files and schedulers get a line instead of a bar (not more often than this)
+            self.printed = now
             total = t.epochs * self.steps_per_epoch
             done = step - self.first_step
             eta = (now - self.started) / max(done, 1) * (total - step)
@@ -468,27 +482,30 @@ class _Run:
             (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
         if resume:
             self._resume()
-        start = self.started = time.perf_counter()
+        if self.main and not self.has_val:
+            self.console.print("note: no validation split (data.val_split: 0): no 'best' checkpoint is "
+                               "kept; the test set is evaluated once, at the end", markup=False, soft_wrap=True)
+        start = self.started = self.printed = time.perf_counter()
         self.first_step = self.state.epoch * self.steps_per_epoch + self.state.step
         for epoch in range(self.state.epoch, t.epochs):
             train_loss, seen, seconds = self._epoch(epoch)
             if not _all_finite(self.raw):
                 raise self._diverged("the weights are no longer finite", epoch, self.steps_per_epoch)
-            metrics = evaluate(self.model, self.eval_loader, accelerator)
+            metrics = evaluate(self.model, self.eval_loader, accelerator) if self.has_val else {}
             self.state.epoch, self.state.step = epoch + 1, 0
-            improved = metrics["top1"] > self.state.best
-            self.state.best = max(self.state.best, metrics["top1"])
+            improved = self.has_val and metrics["top1"] > self.state.best
+            if improved:
+                self.state.best, self.state.best_epoch = metrics["top1"], epoch + 1
             record = {"epoch": epoch + 1, "train_loss": train_loss,
                       "lr": self.scheduler.get_last_lr()[0], "epoch_seconds": seconds,
-                      "eval_split": "val" if self.has_val else "test",
-                      **{f"eval_{k}": v for k, v in metrics.items()}}
+                      **{f"val_{k}": v for k, v in metrics.items()}}
             if sd.enabled:
                 record["drop_rate"] = controller(self.raw).drop_rate
             if self.main:
                 rundir.append_metrics(self.run_dir, record)
-                self.console.print(f"epoch {epoch + 1}/{t.epochs}: loss {train_loss or float('nan'):.4f}, "
-                                   f"{record['eval_split']} top-1 {metrics['top1']:.2f}%, "
-                                   f"{seconds:.1f} s", markup=False, soft_wrap=True)
+                val = f", val top-1 {metrics['top1']:.2f}%" if metrics else ""
+                self.console.print(f"epoch {epoch + 1}/{t.epochs}: loss {train_loss or float('nan'):.4f}"
+                                   f"{val}, {seconds:.1f} s", markup=False, soft_wrap=True)
             if t.checkpoint_every and ((epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs):
                 self._save(f"epoch_{epoch + 1}")
             if improved and t.checkpoint_every:
@@ -503,7 +520,9 @@ class _Run:
         folded_metrics = evaluate(accelerator.prepare_model(final, evaluation_mode=True), self.test_loader,
                                   accelerator) if sd.enabled else gated
         result = TrainResult(run_dir=str(self.run_dir), epochs=t.epochs, train_seconds=train_seconds,
-                             gated=gated, folded=folded_metrics, model_path=str(model_path))
+                             gated=gated, folded=folded_metrics, model_path=str(model_path),
+                             best_val_top1=self.state.best if self.has_val else None,
+                             best_epoch=self.state.best_epoch)
         if self.main:
             ckpt.save(final.to("cpu") if sd.enabled else final, model_path)
             (self.run_dir / "result.json").write_text(json.dumps(rundir.json_safe(asdict(result)),

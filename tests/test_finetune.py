@@ -22,7 +22,7 @@ runner = CliRunner()
 def recipe(tmp_path, dataset, **train):
     r = {
         "model": {"name": "cifar_resnet20"},
-        "data": {"dataset": dataset, "data_dir": str(tmp_path / "data"), "image_size": 8},
+        "data": {"dataset": dataset, "data_dir": str(tmp_path / "data"), "image_size": 8, "val_split": 4},
         "optimizer": {"name": "sgd", "lr": 0.05},
         "schedule": {"name": "step", "milestones": [2]},
         "stochastic_depth": {"drop_rate": 0.5},
@@ -335,3 +335,20 @@ def test_a_full_disk_ends_in_one_line_and_leaves_no_partial_checkpoint(tmp_path,
     ck = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["best", "epoch_1"]
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_without_a_validation_split_nothing_is_chosen_on_the_test_set(tmp_path, no_md5):
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    path = recipe(tmp_path, "cifar10", epochs=2)
+    r = runner.invoke(app, ["finetune", str(path), "--set", "data.val_split=0"])
+    assert r.exit_code == 0, r.output
+    assert "no validation split (data.val_split: 0): no 'best' checkpoint is kept" in r.output
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["epoch_2"]
+    assert not any(k.startswith(("val_", "eval_", "test_")) for m in _metrics(run) for k in m)
+    result = json.loads((run / "result.json").read_text())
+    assert result["best_val_top1"] is None and result["gated"]["images"] == 8
+    # with one, best is chosen on it and said so
+    r = runner.invoke(app, ["finetune", str(path), "--set", f"train.output_dir={tmp_path / 'v'}"])
+    assert r.exit_code == 0 and "best validation top-1" in r.output, r.output
+    assert all("val_top1" in m for m in _metrics(tmp_path / "v"))
