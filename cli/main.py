@@ -280,6 +280,8 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
             net = sdsurgery.load(target, factory=factory, trust_code=trust_code)
     else:
         plain = _build(target, pretrained, weights, num_classes, arg)
+    if target.endswith(".safetensors") and image_size is None and meta.get("preprocessing"):
+        image_size = meta["preprocessing"]["image_size"]  # FLOPs at the size it was trained at
     example = _example(plain, image_size)
     analysis = sdsurgery.analyse(plain, leaf_modules=leaf, example=example)
     converted = net if net is not None else sdsurgery.convert(
@@ -289,10 +291,17 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
     report["rejected"] = [{"owner": r.owner, "reason": r.reason} for r in analysis.rejected]
     report["model"] = target
     report["converted"] = net is not None
+    report["preprocessing"] = meta.get("preprocessing") if target.endswith(".safetensors") else None
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
     _print_report(f"{target}: residual branches", report, fold_column=True)
+    pre = report["preprocessing"]
+    if pre:
+        crop = f", centre crop {pre['crop_pct']:g}" if pre.get("crop_pct") else ""
+        console.print(f"trained on {pre['dataset']} ({pre.get('num_classes')} classes) at "
+                      f"{pre['image_size']} px, {pre.get('interpolation', 'bilinear')} resize{crop}, "
+                      f"mean {pre['mean']}, std {pre['std']} (eval uses this)", markup=False)
     for r in report["rejected"]:
         console.print(f"not a residual: add in '{r['owner'] or '<model>'}': {r['reason']}", markup=False)
 
@@ -443,29 +452,36 @@ def finetune(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)
 
 @app.command(name="eval")
 @user_errors
-def eval_(checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint."),
-          dataset: str = typer.Option(..., help="cifar10 | cifar100 | svhn | digits | fake | imagefolder"),
+def eval_(checkpoint: Path = typer.Argument(..., help="A .safetensors checkpoint, a run directory or a "
+                                                     "checkpoint directory (RUN/checkpoints/best)."),
+          dataset: Optional[str] = typer.Option(None, help="cifar10 | cifar100 | svhn | digits | fake | "
+                                                           "imagefolder (default: the one it was trained on)."),
           data_dir: Path = typer.Option(Path("data"), help="Where the dataset lives."),
-          image_size: Optional[int] = typer.Option(None, help="Input size (default: the dataset's)."),
+          download: bool = typer.Option(False, "--download", help="Fetch the dataset if it is missing."),
+          image_size: Optional[int] = typer.Option(None, help="Input size (default: the one it was trained at)."),
           batch_size: int = typer.Option(256, help="Images per batch."),
+          device: Optional[str] = typer.Option(None, help="cpu | cuda | cuda:N (default: a GPU when present)."),
           factory: Optional[str] = typer.Option(None, help=FACTORY_HELP),
           trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
           ) -> None:
-    """Top-1 / top-5 accuracy and loss of a checkpoint on a dataset's test split.
+    """Top-1 / top-5 accuracy and loss of a checkpoint on a dataset's test split, with the
+    preprocessing recorded in the checkpoint (dataset, image size, mean/std, crop).
 
-    Example: sdsurgery eval runs/demo/model.safetensors --dataset digits --image-size 16
+    Examples: sdsurgery eval runs/demo | sdsurgery eval runs/demo/checkpoints/best
     """
-    import torch
-    from sdsurgery.data import load_datasets
-    from sdsurgery.train import evaluate
+    from sdsurgery.train import evaluate_checkpoint
 
     _positive(image_size=image_size, batch_size=batch_size)
-    model = sdsurgery.load(checkpoint, factory=factory, trust_code=trust_code)
-    splits = load_datasets(dataset, data_dir, image_size=image_size)
-    loader = torch.utils.data.DataLoader(splits.test, batch_size=batch_size)
-    m = evaluate(model, loader)
-    console.print(f"{checkpoint} on {dataset} test ({m['images']} images): top-1 {m['top1']:.2f}%, "
-                  f"top-5 {m['top5']:.2f}%, loss {m['loss']:.4f}", markup=False)
+    if device is not None:
+        _check_device(device)
+    r = evaluate_checkpoint(checkpoint, dataset=dataset, data_dir=data_dir, image_size=image_size,
+                            batch_size=batch_size, device=device, download=download, factory=factory,
+                            trust_code=trust_code)
+    for note in r.notes:
+        err.print(f"warning: {note}", markup=False)
+    m, p = r.metrics, r.preprocessing
+    console.print(f"{r.checkpoint} on {r.dataset} test ({m['images']} images, {p['image_size']} px): "
+                  f"top-1 {m['top1']:.2f}%, top-5 {m['top5']:.2f}%, loss {m['loss']:.4f}", markup=False)
 
 
 def main() -> None:

@@ -31,16 +31,21 @@ class CheckpointError(SurgeryError, ValueError):
     """A checkpoint cannot be written, read, or does not fit its architecture."""
 
 
-def describe(model: nn.Module, spec: str | None = None) -> dict[str, Any]:
-    """The metadata ``save`` writes for ``model``."""
+def describe(model: nn.Module, spec: str | None = None,
+             preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata ``save`` writes for ``model``.
+
+    ``preprocessing`` (``sdsurgery.data.Preprocessing.to_dict()``: dataset, class count, image
+    size, mean/std, interpolation, crop) is what the model was trained on: ``eval`` uses it."""
     from . import __version__
-    from .gates import CONTROLLER_ATTR
+    from .gates import CONTROLLER_ATTR, FOLDED_FROM_ATTR
     from .models import source_of
 
     src = source_of(model)
     if spec is None and src is None:
         raise CheckpointError(f"{type(model).__name__} has no recorded source (it was not built "
                               f"by sdsurgery.create_model): pass spec='module:factory' to save()")
+    folded = bool(model.__dict__.get("_sdsurgery_folded", False))
     meta: dict[str, Any] = {
         "format": FORMAT,
         "sdsurgery_version": __version__,
@@ -48,17 +53,21 @@ def describe(model: nn.Module, spec: str | None = None) -> dict[str, Any]:
                   "kwargs": src.kwargs if src else {}},
         "architecture": f"{type(model).__module__}.{type(model).__qualname__}",
         "converted": False,
-        "folded": bool(model.__dict__.get("_sdsurgery_folded", False)),
+        "folded": folded,
         "stochastic_depth": None,
     }
     ctrl = model.__dict__.get(CONTROLLER_ATTR)
-    if ctrl is not None:
-        meta["converted"] = True
+    trained = ctrl if ctrl is not None else model.__dict__.get(FOLDED_FROM_ATTR)
+    if trained is not None:
+        meta["converted"] = ctrl is not None
         meta["stochastic_depth"] = {
-            "drop_rate": ctrl.drop_rate, "mode": ctrl.mode, "scaling": ctrl.scaling,
-            "seed": ctrl.seed, **ctrl.settings,
-            "gates": [g.name for g in ctrl.gates],
+            "drop_rate": trained.drop_rate, "mode": trained.mode, "scaling": trained.scaling,
+            "seed": trained.seed, **trained.settings,
+            "gates": [g.name for g in trained.gates],
+            "folded": ctrl is None,  # the settings the weights were trained with, gates removed
         }
+    if preprocessing is not None:
+        meta["preprocessing"] = dict(preprocessing)
     try:
         json.dumps(meta)
     except TypeError as e:
@@ -67,15 +76,17 @@ def describe(model: nn.Module, spec: str | None = None) -> dict[str, Any]:
     return meta
 
 
-def save(model: nn.Module, path: str | Path, *, spec: str | None = None) -> Path:
+def save(model: nn.Module, path: str | Path, *, spec: str | None = None,
+         preprocessing: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (converted, folded or plain) to ``path`` (``.safetensors``), atomically:
-    a failed save leaves no partial file and does not touch an existing one."""
+    a failed save leaves no partial file and does not touch an existing one. ``preprocessing``:
+    see :func:`describe`."""
     from safetensors.torch import save_model
 
     path = Path(path)
     if path.suffix != ".safetensors":
         raise CheckpointError(f"checkpoint path {str(path)!r} must end in .safetensors")
-    meta = describe(model, spec)
+    meta = describe(model, spec, preprocessing)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
         raise CheckpointError(f"cannot write {path}: directory {str(directory)!r} does not exist")
@@ -215,6 +226,26 @@ def _validated(meta: Any) -> dict[str, Any]:
             raise _Invalid(f"model.kwargs key {key!r} is not a Python identifier")
         if key in _FILE_KWARGS:
             raise _Invalid(f"model.kwargs.{key} would make the factory read or fetch files")
+    pre = _typed(meta, "preprocessing", (dict, type(None)), "", None)
+    if pre is not None:
+        w = "preprocessing."
+        _typed(pre, "dataset", str, w)
+        size = _typed(pre, "image_size", int, w)
+        if not 1 <= size <= 1 << 14:
+            raise _Invalid(f"{w}image_size must be in [1, {1 << 14}], got {size}")
+        for key in ("mean", "std"):
+            v = _typed(pre, key, list, w)
+            if not (len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                        and math.isfinite(x) for x in v)) or (key == "std" and min(v) <= 0):
+                raise _Invalid(f"{w}{key} must be 3 finite numbers{' > 0' if key == 'std' else ''}")
+        if _typed(pre, "interpolation", str, w, "bilinear") not in ("bilinear", "bicubic", "nearest"):
+            raise _Invalid(f"{w}interpolation must be bilinear, bicubic or nearest")
+        crop = _typed(pre, "crop_pct", (int, float, type(None)), w, None)
+        if crop is not None and not 0 < crop <= 1:
+            raise _Invalid(f"{w}crop_pct must be in (0, 1], got {crop}")
+        n = _typed(pre, "num_classes", (int, type(None)), w, None)
+        if n is not None and not 1 <= n <= _MAX_CLASSES:
+            raise _Invalid(f"{w}num_classes must be in [1, {_MAX_CLASSES}], got {n}")
     sd = _typed(meta, "stochastic_depth", (dict, type(None)), "", None)
     if sd is not None:
         w = "stochastic_depth."
@@ -233,6 +264,7 @@ def _validated(meta: Any) -> dict[str, Any]:
             raise _Invalid(f"{w}schedule must hold probabilities in [0, 1)")
         _typed(sd, "seed", (int, type(None)), w, None)
         _typed(sd, "gate_projection", bool, w, True)
+        _typed(sd, "folded", bool, w, False)
         for key in ("include", "exclude"):
             _strings(sd.get(key), w + key)
         leaves = _typed(sd, "leaf_modules", (list, type(None)), w, None) or []

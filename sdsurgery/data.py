@@ -7,7 +7,7 @@ pretrained model wants).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +26,7 @@ _STATS = {
     "imagefolder": (None, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), True),
 }
 DATASETS = tuple(_STATS)
+CROP_PCT = 0.875  # imagefolder evaluation: resize to size / 0.875, centre crop (timm's default)
 
 
 class DataError(SurgeryError, ValueError):
@@ -64,6 +65,23 @@ def num_classes_of(name: str) -> int | None:
 
 
 @dataclass
+class Preprocessing:
+    """How test images are prepared for a model trained on ``dataset``: recorded in exported
+    checkpoints, so that ``eval`` prepares them the same way without being told."""
+
+    dataset: str
+    num_classes: int
+    image_size: int                  # pixels, square
+    mean: list[float]
+    std: list[float]
+    interpolation: str = "bilinear"  # of the resize to image_size
+    crop_pct: float | None = None    # centre crop of image_size / crop_pct (imagefolder)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class Splits:
     """Train, validation (may be None) and test sets, and what a model needs to know."""
 
@@ -73,6 +91,7 @@ class Splits:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    preprocessing: Preprocessing | None = None
 
 
 def _transforms(train: bool, image_size: int, native: int | None, mean, std, flip: bool, augment: bool):
@@ -81,7 +100,7 @@ def _transforms(train: bool, image_size: int, native: int | None, mean, std, fli
     steps = []
     if native is None:  # ImageFolder: arbitrary sizes
         steps += [T.RandomResizedCrop(image_size) if train and augment else T.Compose(
-            [T.Resize(int(image_size * 1.14)), T.CenterCrop(image_size)])]
+            [T.Resize(int(image_size / CROP_PCT)), T.CenterCrop(image_size)])]
     elif image_size != native:
         steps.append(T.Resize(image_size, antialias=True))
     if train and augment and native is not None:
@@ -123,8 +142,9 @@ def _digits(train: bool, transform) -> Dataset:
 
 
 def _missing(name: str, root: Path, files: str) -> DataError:
-    return DataError(f"{name} not found in {root} (looked for {files}); set `download: true` in the "
-                     f"recipe (--set data.download=true) to fetch it, or put the files there")
+    return DataError(f"{name} not found in {root} (looked for {files}); let sdsurgery fetch it "
+                     f"(finetune: --set data.download=true; eval: --download) or put the files "
+                     f"there (finetune: data.data_dir; eval: --data-dir)")
 
 
 def load_datasets(name: str, root: str | Path = "data", *, download: bool = False,
@@ -211,7 +231,10 @@ def load_datasets(name: str, root: str | Path = "data", *, download: bool = Fals
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
         val = Subset(val_base, perm[:val_split])
         train = Subset(train, perm[val_split:])
-    return Splits(train=train, val=val, test=test, num_classes=num_classes, mean=mean, std=std)
+    pre = Preprocessing(dataset=name, num_classes=num_classes, image_size=size, mean=list(mean),
+                        std=list(std), crop_pct=CROP_PCT if native is None else None)
+    return Splits(train=train, val=val, test=test, num_classes=num_classes, mean=mean, std=std,
+                  preprocessing=pre)
 
 
-__all__ = ["DATASETS", "DataError", "Splits", "load_datasets"]
+__all__ = ["DATASETS", "DataError", "Preprocessing", "Splits", "load_datasets"]

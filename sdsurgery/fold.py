@@ -291,7 +291,7 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
     Raises:
         FoldError: a branch needs a scale and has nowhere to put it (and ``keep_scale`` is off).
     """
-    from .gates import installed_gates, uninstall
+    from .gates import CONTROLLER_ATTR, FOLDED_FROM_ATTR, installed_gates, uninstall
 
     gates = installed_gates(model)
     blocked = [g for g in gates if g.needs_scale() and g.fold_blocker]
@@ -308,6 +308,8 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
                 for name in g.fold_params:
                     get_attr(out, name).mul_(g.survival_prob)
     keep = {g.name for g in gates if g.needs_scale() and g.fold_blocker}
+    ctrl = out.__dict__.get(CONTROLLER_ATTR)
     uninstall(out, keep=keep)
     out.__dict__["_sdsurgery_folded"] = True  # recorded in checkpoints
+    out.__dict__[FOLDED_FROM_ATTR] = ctrl     # its settings too: what the weights were trained with
     return out

@@ -18,6 +18,7 @@ from .schedules import Schedule, check_rate, rescale, spread
 MODES = ("block", "sample")
 SCALINGS = ("expectation", "inverted")
 CONTROLLER_ATTR = "_sdsurgery"
+FOLDED_FROM_ATTR = "_sdsurgery_folded_from"  # the controller a folded model was trained with
 
 
 class GateController:

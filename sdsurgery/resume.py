@@ -167,9 +167,12 @@ def tidy(run_dir: Path) -> list[str]:
 
 # ------------------------------------------------------------------------ write and read
 def write(directory: Path, *, model: torch.nn.Module | None, states: dict[str, Any],
-          loop: dict[str, Any], rng: dict[str, Any], rank: int, main: bool, barrier=lambda: None) -> None:
+          loop: dict[str, Any], rng: dict[str, Any], rank: int, main: bool, barrier=lambda: None,
+          model_metadata: dict[str, str] | None = None) -> None:
     """Write one checkpoint directory (see the module docstring). Every rank calls this;
     ``main`` writes the shared files, each rank its RNG state; ``barrier`` waits for all ranks.
+    ``model_metadata`` goes into ``model.safetensors``'s header (sdsurgery's checkpoint
+    metadata makes it a file ``sdsurgery.load`` and ``eval`` read).
 
     Raises CheckpointError (one line) when the files cannot be written, after removing the
     partial directory; an existing checkpoint of the same name is kept in that case."""
@@ -188,7 +191,7 @@ def write(directory: Path, *, model: torch.nn.Module | None, states: dict[str, A
         save_file(rng_tensors, str(tmp / f"rng_{rank}.safetensors"))
         (tmp / f"rng_{rank}.json").write_text(json.dumps(rng_tree))
         if main:
-            save_model(model, str(tmp / "model.safetensors"))
+            save_model(model, str(tmp / "model.safetensors"), metadata=model_metadata)
             tensors: dict[str, torch.Tensor] = {}
             trees = {name: flatten(s, name, tensors) for name, s in states.items()}
             save_file(tensors, str(tmp / "state.safetensors"))

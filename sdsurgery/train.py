@@ -129,6 +129,70 @@ def evaluate(model: nn.Module, loader, accelerator=None) -> dict[str, float]:
             "loss": loss_sum / max(n, 1), "images": n}
 
 
+@dataclass
+class EvalResult:
+    checkpoint: str                 # the .safetensors file evaluated
+    dataset: str
+    metrics: dict[str, float]       # top1, top5 (percent), loss, images: on the test split
+    preprocessing: dict[str, Any]   # what was used
+    notes: list[str]                # where the request and the recorded preprocessing differ
+
+
+def checkpoint_file(target: str | Path) -> Path:
+    """The ``.safetensors`` file a target names: the file itself, a run directory's exported
+    ``model.safetensors``, or a training checkpoint directory's (``checkpoints/best``)."""
+    target = Path(target)
+    if target.is_dir():
+        if (target / "model.safetensors").is_file():
+            return target / "model.safetensors"
+        if (target / resume_state.CHECKPOINTS).is_dir():
+            raise CheckpointError(f"{target} has no model.safetensors (the run has not finished); "
+                                  f"evaluate {target / resume_state.CHECKPOINTS}/best or epoch_N")
+        raise CheckpointError(f"{target} is neither a .safetensors file, a run directory nor a "
+                              f"checkpoint directory")
+    return target
+
+
+def evaluate_checkpoint(target: str | Path, *, dataset: str | None = None, data_dir: str | Path = "data",
+                        image_size: int | None = None, batch_size: int = 256, device: str | None = None,
+                        download: bool = False, factory=None, trust_code: bool = False) -> EvalResult:
+    """Top-1 / top-5 / loss of a checkpoint on a dataset's test split, prepared as recorded in
+    the checkpoint (dataset, image size, mean/std, crop) unless told otherwise; the differences
+    are returned as notes. Runs through accelerate on ``device`` (default: a GPU when present)."""
+    from accelerate import Accelerator
+
+    from . import checkpoint as ckpt
+    from .data import load_datasets
+
+    path = checkpoint_file(target)
+    meta = ckpt.read_metadata(path)
+    rec = meta.get("preprocessing")
+    notes = []
+    if rec is None:
+        if dataset is None:
+            raise CheckpointError(f"{path} does not record the data it was trained on; pass --dataset "
+                                  f"(and --image-size if it was not the dataset's own)")
+        notes.append("the checkpoint records no preprocessing: the dataset's own size and "
+                     "normalisation are used")
+        mean = std = None
+    else:
+        if dataset is not None and dataset != rec["dataset"]:
+            notes.append(f"--dataset {dataset}: the model was trained on {rec['dataset']}")
+        if image_size is not None and image_size != rec["image_size"]:
+            notes.append(f"--image-size {image_size}: the model was trained at {rec['image_size']} px")
+        dataset = dataset or rec["dataset"]
+        image_size = image_size or rec["image_size"]
+        mean, std = rec["mean"], rec["std"]
+    model = ckpt.load(path, factory=factory, trust_code=trust_code)
+    splits = load_datasets(dataset, data_dir, image_size=image_size, mean=mean, std=std, download=download)
+    accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
+    loader = torch.utils.data.DataLoader(splits.test, batch_size=batch_size)
+    model, loader = accelerator.prepare(model, loader)
+    metrics = evaluate(model, loader, accelerator)
+    return EvalResult(checkpoint=str(path), dataset=dataset, metrics=metrics,
+                      preprocessing=splits.preprocessing.to_dict(), notes=notes)
+
+
 def _all_finite(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
                if isinstance(t, torch.Tensor) and t.is_floating_point())
@@ -229,6 +293,7 @@ class _Run:
                                val_split=d.val_split, seed=t.seed, mean=mean, std=std,
                                augment=d.augment, train_split=d.train_split)
         self.has_val = splits.val is not None
+        self.preprocessing = splits.preprocessing.to_dict()
         sd = recipe.stochastic_depth
         if sd.enabled:
             start_rate = 0.0 if sd.warmup_epochs > 0 else sd.drop_rate
@@ -270,8 +335,11 @@ class _Run:
             states["gates"] = controller(self.raw).state_dict()
         if self.accelerator.scaler is not None:
             states["scaler"] = self.accelerator.scaler.state_dict()
+        from . import checkpoint as ckpt
+
+        meta = {ckpt.META_KEY: json.dumps(ckpt.describe(self.raw, preprocessing=self.preprocessing))}
         resume_state.write(self.run_dir / resume_state.CHECKPOINTS / name, model=self.raw,
-                           states=states, loop=self.state.state_dict(),
+                           model_metadata=meta, states=states, loop=self.state.state_dict(),
                            rng=resume_state.capture_rng(), rank=self.accelerator.process_index,
                            main=self.main, barrier=self.accelerator.wait_for_everyone)
         if self.main and name != "best":
@@ -524,7 +592,7 @@ class _Run:
                              best_val_top1=self.state.best if self.has_val else None,
                              best_epoch=self.state.best_epoch)
         if self.main:
-            ckpt.save(final.to("cpu") if sd.enabled else final, model_path)
+            ckpt.save(final.to("cpu") if sd.enabled else final, model_path, preprocessing=self.preprocessing)
             (self.run_dir / "result.json").write_text(json.dumps(rundir.json_safe(asdict(result)),
                                                                  indent=2, allow_nan=False))
         accelerator.wait_for_everyone()

@@ -63,7 +63,7 @@ def test_svhn_real_format_with_extra_and_labels(tmp_path, no_md5):
 
 
 def test_missing_data_says_where_and_how(tmp_path, no_md5):
-    with pytest.raises(DataError, match=r"cifar10 not found in .*cifar-10-batches-py.*download: true"):
+    with pytest.raises(DataError, match=r"cifar10 not found in .*cifar-10-batches-py.*data.download=true; eval: --download"):
         load_datasets("cifar10", tmp_path)
     with pytest.raises(DataError, match=r"svhn not found .*train_32x32.mat"):
         load_datasets("svhn", tmp_path)

@@ -71,10 +71,23 @@ def test_finetune_cifar10_checkpoint_resume_fold_eval(tmp_path, no_md5):
     assert meta["folded"] and not meta["converted"] and meta["model"]["spec"] == "sdsurgery:cifar_resnet20"
     result = json.loads((run / "result.json").read_text())
     assert abs(result["gated"]["top1"] - result["folded"]["top1"]) < 1e-9
-    ev = runner.invoke(app, ["eval", str(run / "model.safetensors"), "--dataset", "cifar10",
-                             "--data-dir", str(tmp_path / "data"), "--image-size", "8"])
+    # eval needs no flag but where the data is: the preprocessing is in the checkpoint
+    ev = runner.invoke(app, ["eval", str(run / "model.safetensors"), "--data-dir", str(tmp_path / "data")])
     assert ev.exit_code == 0, ev.output
-    assert f"top-1 {result['folded']['top1']:.2f}%" in ev.output
+    assert f"on cifar10 test (10 images, 8 px): top-1 {result['folded']['top1']:.2f}%" in ev.output
+    assert ev.stderr == ""
+    assert meta["preprocessing"] == {"dataset": "cifar10", "num_classes": 10, "image_size": 8,
+                                     "mean": pytest.approx([0.4914, 0.4822, 0.4465]),
+                                     "std": pytest.approx([0.2470, 0.2435, 0.2616]),
+                                     "interpolation": "bilinear", "crop_pct": None}
+    # the folded file keeps what it was trained with
+    assert meta["stochastic_depth"]["folded"] and meta["stochastic_depth"]["drop_rate"] == 0.5
+    # a run directory and a training checkpoint are targets too; a contradicting flag warns
+    for target in (run, run / "checkpoints" / "best"):
+        ev = runner.invoke(app, ["eval", str(target), "--data-dir", str(tmp_path / "data")])
+        assert ev.exit_code == 0 and "top-1" in ev.output, ev.output
+    ev = runner.invoke(app, ["eval", str(run), "--data-dir", str(tmp_path / "data"), "--image-size", "16"])
+    assert ev.exit_code == 0 and "warning: --image-size 16: the model was trained at 8 px" in ev.stderr
 
 
 def test_finetune_svhn(tmp_path, no_md5):
@@ -88,8 +101,8 @@ def test_finetune_svhn(tmp_path, no_md5):
     assert resumed.exit_code == 0 and "resumed from" in resumed.output, resumed.output
     assert [m["epoch"] for m in _metrics(tmp_path / "run")] == [1, 2]
     result = json.loads((tmp_path / "run" / "result.json").read_text())
-    ev = runner.invoke(app, ["eval", str(tmp_path / "run" / "model.safetensors"), "--dataset", "svhn",
-                             "--data-dir", str(tmp_path / "data"), "--image-size", "8"])
+    ev = runner.invoke(app, ["eval", str(tmp_path / "run" / "model.safetensors"),
+                             "--data-dir", str(tmp_path / "data")])
     assert ev.exit_code == 0 and f"top-1 {result['folded']['top1']:.2f}%" in ev.output, ev.output
 
 
@@ -113,7 +126,7 @@ def test_imagefolder(tmp_path):
 def test_finetune_errors(tmp_path):
     path = recipe(tmp_path, "cifar10")
     r = runner.invoke(app, ["finetune", str(path)])
-    assert r.exit_code == 2 and "cifar10 not found" in r.stderr and "download: true" in r.stderr
+    assert r.exit_code == 2 and "cifar10 not found" in r.stderr and "--set data.download=true" in r.stderr
     r = runner.invoke(app, ["finetune", str(path), "--set", "train.epochz=3"])
     assert r.exit_code == 2 and "unknown recipe key 'train.epochz'" in r.stderr
     r = runner.invoke(app, ["finetune", str(path), "--resume", str(tmp_path / "nowhere")])
