@@ -412,7 +412,7 @@ def models(pattern: str = typer.Argument("*", help="Glob over model names, e.g. 
 
 @app.command()
 @user_errors
-def finetune(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+def finetune(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (see recipes/); not needed with --resume."),
              set_: List[str] = typer.Option([], "--set", help="Override a recipe field: section.key=value (repeatable)."),
              resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory from its last checkpoint."),
              trust_code: bool = typer.Option(False, "--trust-code", help="Allow the recipe's model.name to be code (package.module:fn)."),
@@ -420,9 +420,10 @@ def finetune(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)
     """Fine-tune with stochastic depth (HF accelerate), fold, export model.safetensors.
 
     Examples: sdsurgery finetune recipes/demo.yaml --set train.epochs=5 |
+    sdsurgery finetune --resume runs/demo --set train.epochs=30 |
     torchrun --nproc_per_node 2 -m sdsurgery finetune recipes/demo.yaml --set train.cpu=true
     """
-    from sdsurgery.recipes import load_recipe
+    from sdsurgery.recipes import difference, load_recipe
     from sdsurgery.train import finetune as run
 
     overrides = list(set_)
@@ -431,6 +432,13 @@ def finetune(recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)
         if not saved.is_file():
             raise ValueError(f"--resume {resume}: no recipe.yaml there (not a run directory)")
         recipe_obj = load_recipe(saved, overrides, trust_code=trust_code)
+        if recipe is not None and not overrides:
+            diff = difference(load_recipe(recipe, trust_code=trust_code), recipe_obj)
+            if diff:
+                raise ValueError(f"{recipe} differs from {saved} ({diff}); --resume continues the "
+                                 f"run's own recipe: leave RECIPE out, and change settings with --set")
+    elif recipe is None:
+        raise ValueError("give a RECIPE (e.g. recipes/demo.yaml), or --resume RUN_DIR to continue a run")
     else:
         recipe_obj = load_recipe(recipe, overrides, trust_code=trust_code)
     result = run(recipe_obj, resume=resume, console=console)

@@ -25,6 +25,8 @@ class RecipeError(SurgeryError, ValueError):
 
 @dataclass
 class ModelConfig:
+    # Relative paths in a recipe (model.weights, data.data_dir, train.output_dir) are relative
+    # to the working directory the command runs in; the run prints its resolved directory.
     name: str = "cifar_resnet20"          # any spec create_model accepts
     pretrained: bool = False
     weights: Optional[str] = None          # local weights file
@@ -44,7 +46,7 @@ class DataConfig:
     mean: Optional[list] = None            # explicit mean/std override both
     std: Optional[list] = None
     augment: bool = True
-    workers: int = 0
+    workers: Optional[int] = None          # data-loading processes (default: min(8, CPU cores - 1))
 
 
 @dataclass
@@ -83,7 +85,7 @@ class TrainConfig:
     grad_accum: int = 1
     clip_grad: Optional[float] = None
     label_smoothing: float = 0.0
-    mixed_precision: str = "no"            # no | bf16 | fp16
+    mixed_precision: str = "auto"          # auto (the launcher's: accelerate launch / config) | no | bf16 | fp16
     seed: int = 0
     output_dir: str = "runs/run"
     checkpoint_every: int = 1              # epochs (0: only mid-epoch / none)
@@ -120,7 +122,7 @@ _CHOICES = {
     ("stochastic_depth", "schedule"): ("linear", "uniform"),
     ("stochastic_depth", "mode"): ("block", "sample"),
     ("stochastic_depth", "scaling"): ("expectation", "inverted"),
-    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
 }
 
 
@@ -208,6 +210,9 @@ def _build(cls: type, data: Any, path: str):
             raise RecipeError(f"unknown recipe key {where!r}{hint}; valid keys"
                               f"{' in ' + path if path else ''}: {', '.join(names)}")
         tp = hints[key]
+        allowed = _CHOICES.get((path.split(".")[-1] if path else "", key))
+        if isinstance(value, bool) and allowed and ("no" if value is False else "yes") in allowed:
+            value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, where)
         else:
@@ -244,6 +249,19 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
                 raise RecipeError(f"--set {item!r}: {p} is not a section")
         node[parts[-1]] = value
     return out
+
+
+def difference(a: Recipe, b: Recipe) -> str:
+    """The first field where two recipes differ, as ``section.key: a vs b`` ('' if none)."""
+    da, db = a.to_dict(), b.to_dict()
+    for section in da:
+        if isinstance(da[section], dict):
+            for key in da[section]:
+                if da[section][key] != db[section][key]:
+                    return f"{section}.{key}: {da[section][key]!r} vs {db[section][key]!r}"
+        elif da[section] != db[section]:
+            return f"{section}: {da[section]!r} vs {db[section]!r}"
+    return ""
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None, *,

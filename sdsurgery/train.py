@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -225,7 +226,9 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     if resume and not resume_state.checkpoints(Path(resume)):
         raise SurgeryError(f"--resume {resume}: no checkpoints/epoch_N directory there to resume from")
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision, gradient_accumulation_steps=t.grad_accum,
+        # "auto": whatever `accelerate launch --mixed_precision` / `accelerate config` chose
+        mixed_precision=None if t.mixed_precision == "auto" else t.mixed_precision,
+        gradient_accumulation_steps=t.grad_accum,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step by the loop
         cpu=t.cpu or not torch.cuda.is_available(),
         # one permutation per epoch from the recipe's seed, whatever the number of processes
@@ -273,7 +276,7 @@ class _Run:
         from accelerate.utils import set_seed
 
         from .data import SeededAugmentation, load_datasets, num_classes_of
-        from .models import create_model
+        from .models import WeightsError, create_model, source_of
         from .surgery import convert, set_drop_rate
 
         recipe, t, accelerator = self.recipe, self.recipe.train, self.accelerator
@@ -282,8 +285,15 @@ class _Run:
         num_classes = m.num_classes or num_classes_of(d.dataset)
         if num_classes is None:  # imagefolder: count the classes
             num_classes = load_datasets(d.dataset, d.data_dir, image_size=d.image_size).num_classes
-        model = create_model(m.name, pretrained=m.pretrained, weights=m.weights,
-                             num_classes=num_classes, **m.kwargs)
+        try:
+            model = create_model(m.name, pretrained=m.pretrained, weights=m.weights,
+                                 num_classes=num_classes, **m.kwargs)
+        except WeightsError as e:
+            if not m.pretrained or m.weights:
+                raise
+            what = str(e).split("; use ")[0]  # the reason, without the convert/inspect options
+            raise WeightsError(f"{what}; train from random weights with --set model.pretrained=false, "
+                               f"or give a local file with --set model.weights=FILE") from e
         mean, std = d.mean, d.std
         if d.normalize == "model" and mean is None:
             cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -292,6 +302,7 @@ class _Run:
         splits = load_datasets(d.dataset, d.data_dir, download=d.download, image_size=d.image_size,
                                val_split=d.val_split, seed=t.seed, mean=mean, std=std,
                                augment=d.augment, train_split=d.train_split)
+        self.spec = source_of(model).spec
         self.has_val = splits.val is not None
         self.preprocessing = splits.preprocessing.to_dict()
         sd = recipe.stochastic_depth
@@ -302,7 +313,10 @@ class _Run:
                             inplace=True)
             if sd.warmup_epochs > 0:
                 set_drop_rate(model, 0.0)
-        loader_kw = dict(num_workers=d.workers, pin_memory=torch.cuda.is_available())
+        workers = d.workers if d.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
+        # augmentation is seeded per image (SeededAugmentation): workers do not change results
+        loader_kw = dict(num_workers=workers, persistent_workers=workers > 0,
+                         pin_memory=torch.cuda.is_available())
         self.train_set = SeededAugmentation(splits.train, t.seed)
         train_loader = torch.utils.data.DataLoader(self.train_set, batch_size=t.batch_size, shuffle=True,
                                                    drop_last=len(self.train_set) > t.batch_size, **loader_kw)
@@ -321,6 +335,43 @@ class _Run:
          self.scheduler) = accelerator.prepare(model, optimizer, train_loader, eval_loader,
                                                test_loader, scheduler)
         self.raw = accelerator.unwrap_model(self.model)
+
+    def _summary(self) -> None:
+        """What a person needs to see when a run starts (main process only)."""
+        from .flops import flop_report
+        from .surgery import controller, gates, set_drop_rate
+
+        recipe, t, a = self.recipe, self.recipe.train, self.accelerator
+        m, sd, p = recipe.model, recipe.stochastic_depth, self.preprocessing
+        source = (f"weights {m.weights}" if m.weights else "pretrained weights" if m.pretrained
+                  else "random weights")
+        lines = [f"model: {self.spec}, {source}, {p['num_classes']} classes"]
+        if sd.enabled:
+            ctrl = controller(self.raw)
+            now = ctrl.drop_rate
+            set_drop_rate(self.raw, sd.drop_rate)  # the saving at the target rate, after warm-up
+            try:
+                size = p["image_size"]
+                device = next(self.raw.parameters()).device
+                report = flop_report(self.raw, torch.zeros(1, 3, size, size, device=device))
+            finally:
+                set_drop_rate(self.raw, now)
+            warm = f", reached after a {sd.warmup_epochs:g}-epoch warm-up" if sd.warmup_epochs else ""
+            lines.append(f"stochastic depth: {len(gates(self.raw))} of {ctrl.count} residual branches "
+                         f"gated ({sd.mode} mode, {sd.schedule} to {sd.drop_rate:g}{warm}, {sd.scaling} "
+                         f"scaling); expected training compute {100 * report.expected_fraction:.1f}% "
+                         f"of the full model (FLOPs at {size} px)")
+        sizes = self.split_sizes
+        lines.append(f"data: {p['dataset']} at {p['image_size']} px: {sizes['train']} train, "
+                     f"{sizes['val']} val, {sizes['test']} test images")
+        n = a.num_processes
+        lines.append(f"running: {n} process{'es' if n > 1 else ''} on {a.device.type}, precision "
+                     f"{a.mixed_precision}, global batch {t.batch_size * n * t.grad_accum} "
+                     f"({t.batch_size} per process x {n} x grad_accum {t.grad_accum}), "
+                     f"{self.steps_per_epoch} steps per epoch x {t.epochs} epochs")
+        lines.append(f"run directory: {self.run_dir.resolve()}")
+        for line in lines:
+            self.console.print(line, markup=False, soft_wrap=True)
 
     # -------------------------------------------------------------------- checkpoints
     def _save(self, name: str) -> None:
@@ -550,6 +601,8 @@ class _Run:
             (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
         if resume:
             self._resume()
+        if self.main:
+            self._summary()
         if self.main and not self.has_val:
             self.console.print("note: no validation split (data.val_split: 0): no 'best' checkpoint is "
                                "kept; the test set is evaluated once, at the end", markup=False, soft_wrap=True)

@@ -365,3 +365,54 @@ def test_without_a_validation_split_nothing_is_chosen_on_the_test_set(tmp_path, 
     r = runner.invoke(app, ["finetune", str(path), "--set", f"train.output_dir={tmp_path / 'v'}"])
     assert r.exit_code == 0 and "best validation top-1" in r.output, r.output
     assert all("val_top1" in m for m in _metrics(tmp_path / "v"))
+
+
+def test_resume_needs_only_the_run_directory_and_a_run_says_what_it_will_do(tmp_path, no_md5):
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    path = recipe(tmp_path, "cifar10", epochs=1)
+    r = runner.invoke(app, ["finetune", str(path)])
+    assert r.exit_code == 0, r.output
+    for line in ("model: sdsurgery:cifar_resnet20, random weights, 10 classes",
+                 "stochastic depth: 9 of 9 residual branches gated (block mode, linear to 0.5",
+                 "data: cifar10 at 8 px: 16 train, 4 val, 8 test images",
+                 "running: 1 process on cpu, precision no, global batch 4 (4 per process x 1 x grad_accum 1), 4 steps per epoch x 1 epochs",
+                 f"run directory: {(tmp_path / 'run').resolve()}"):
+        assert line in r.output, line
+    run = tmp_path / "run"
+    r = runner.invoke(app, ["finetune", "--resume", str(run), "--set", "train.epochs=2"])
+    assert r.exit_code == 0 and "resumed from" in r.output, r.output
+    # a recipe that is not the run's own is refused without --set
+    other = tmp_path / "other.yaml"
+    other.write_text(path.read_text().replace("lr: 0.05", "lr: 0.01"))
+    r = runner.invoke(app, ["finetune", str(other), "--resume", str(run)])
+    assert r.exit_code == 2 and "differs from" in r.stderr and "optimizer.lr: 0.01 vs 0.05" in r.stderr, r.output
+    r = runner.invoke(app, ["finetune"])
+    assert r.exit_code == 2 and "give a RECIPE" in r.stderr
+
+
+def test_a_failed_download_names_the_recipe_keys(tmp_path, monkeypatch):
+    import sdsurgery.models as models
+
+    def offline(*a, **k):
+        raise models.WeightsError("cannot fetch pretrained weights for 'x' (OSError: offline); use "
+                                  "--no-pretrained (pretrained=False) for random weights or --weights FILE")
+    monkeypatch.setattr(models, "_build_registered", offline)
+    path = recipe(tmp_path, "digits", epochs=1)
+    r = runner.invoke(app, ["finetune", str(path), "--set", "model.pretrained=true"])
+    assert r.exit_code == 2, r.output
+    assert "(OSError: offline); train from random weights with --set model.pretrained=false" in r.stderr
+    assert "--no-pretrained" not in r.stderr
+
+
+def test_mixed_precision_defers_to_the_launcher_unless_the_recipe_says(tmp_path, monkeypatch):
+    from accelerate.state import AcceleratorState
+    path = recipe(tmp_path, "digits", epochs=1, max_steps_per_epoch=1)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    try:  # accelerate keeps one state per process: each run here stands for a new process
+        for override, expected in (([], "precision bf16"), (["--set", "train.mixed_precision=no"], "precision no")):
+            AcceleratorState._reset_state(True)
+            r = runner.invoke(app, ["finetune", str(path), *override,
+                                    "--set", f"train.output_dir={tmp_path / expected.replace(' ', '_')}"])
+            assert r.exit_code == 0 and expected in r.output, r.output
+    finally:
+        AcceleratorState._reset_state(True)
