@@ -29,6 +29,24 @@ METRICS = "metrics.jsonl"   # one line per epoch
 STEPS = "steps.jsonl"       # one line every train.log_every_steps optimizer steps
 
 
+# Lock descriptors this process holds. A forked child (a DataLoader worker) would inherit them
+# and keep the lock alive after its parent is killed: children close their copies at once.
+_HELD: set[int] = set()
+
+
+def _close_in_child() -> None:
+    for fd in _HELD:
+        try:
+            os.close(fd)  # not LOCK_UN: that would free the parent's lock too
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
+
 class RunDirError(SurgeryError, ValueError):
     """A run directory is in use by another run, or cannot be used."""
 
@@ -44,6 +62,7 @@ class RunLock:
             try:
                 os.ftruncate(self._fd, 0)  # a clean exit leaves no PID behind
             finally:
+                _HELD.discard(self._fd)
                 os.close(self._fd)
                 self._fd = None
 
@@ -66,6 +85,7 @@ def _lock(directory: Path) -> RunLock | int:
         pid = _pid(fd)
         os.close(fd)
         return pid if pid is not None else -1
+    _HELD.add(fd)
     crashed = _pid(fd)
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

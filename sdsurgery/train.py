@@ -314,9 +314,9 @@ class _Run:
             if sd.warmup_epochs > 0:
                 set_drop_rate(model, 0.0)
         workers = d.workers if d.workers is not None else min(8, max(0, (os.cpu_count() or 1) - 1))
-        # augmentation is seeded per image (SeededAugmentation): workers do not change results
-        loader_kw = dict(num_workers=workers, persistent_workers=workers > 0,
-                         pin_memory=torch.cuda.is_available())
+        # Augmentation is seeded per image and epoch (SeededAugmentation): workers do not change
+        # results. Not persistent: workers hold a copy of the dataset, and set_epoch must reach it.
+        loader_kw = dict(num_workers=workers, pin_memory=torch.cuda.is_available())
         self.train_set = SeededAugmentation(splits.train, t.seed)
         train_loader = torch.utils.data.DataLoader(self.train_set, batch_size=t.batch_size, shuffle=True,
                                                    drop_last=len(self.train_set) > t.batch_size, **loader_kw)

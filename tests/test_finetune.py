@@ -416,3 +416,14 @@ def test_mixed_precision_defers_to_the_launcher_unless_the_recipe_says(tmp_path,
             assert r.exit_code == 0 and expected in r.output, r.output
     finally:
         AcceleratorState._reset_state(True)
+
+
+def test_data_workers_do_not_change_the_result(tmp_path, no_md5):
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    path = recipe(tmp_path, "cifar10", epochs=2)
+    for workers in (0, 2):
+        r = runner.invoke(app, ["finetune", str(path), "--set", f"data.workers={workers}",
+                                "--set", f"train.output_dir={tmp_path / str(workers)}"])
+        assert r.exit_code == 0, r.output
+    a, b = (load_file(str(tmp_path / w / "model.safetensors")) for w in ("0", "2"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
