@@ -46,7 +46,7 @@ class DataConfig:
     mean: Optional[list] = None            # explicit mean/std override both
     std: Optional[list] = None
     augment: bool = True
-    workers: Optional[int] = None          # data-loading processes (default: min(8, CPU cores - 1)); results do not depend on it
+    workers: Optional[int] = None          # data-loading processes (default: min(8, CPU cores - 1) on a GPU, 0 on the CPU); results do not depend on it
 
 
 @dataclass

@@ -140,6 +140,9 @@ def test_killed_mid_epoch_resumes_exactly(tmp_path, no_md5):
     import time
     write_cifar10(tmp_path / "data", n_train=200, n_test=10)
     path = recipe(tmp_path, "cifar10", epochs=1, checkpoint_every_steps=5, keep_checkpoints=2)
+    r = yaml.safe_load(path.read_text())
+    r["data"]["workers"] = 1  # a forked worker must not keep the killed run's directory lock
+    path.write_text(yaml.safe_dump(r))
     straight = runner.invoke(app, ["finetune", str(path), "--set", f"train.output_dir={tmp_path / 'straight'}"])
     assert straight.exit_code == 0, straight.output
     run = tmp_path / "run"
