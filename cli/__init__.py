@@ -20,6 +20,10 @@ def interrupted() -> bool:
 def run() -> None:
     """The ``sdsurgery`` entry point. Ctrl-C at any moment, even while torch is still being
     imported, ends with exit code 130 and one line (never a traceback)."""
+    import os
+    if os.environ.get("RANK", "0") != "0" and "torch" not in sys.modules:
+        # torch's C++ warnings (DDP's find_unused_parameters notice) once, from the main rank
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     try:
         signal.signal(signal.SIGINT, _on_sigint)
     except ValueError:  # not the main thread

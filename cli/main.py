@@ -58,7 +58,7 @@ def user_errors(fn: Callable) -> Callable:
             if _state["debug"]:
                 raise
             if interrupted():  # an import cut short by Ctrl-C fails in its own way
-                err.print("interrupted", markup=False)
+                err.print("interrupted; what was saved before it is kept", markup=False)
                 raise typer.Exit(130)
             if not isinstance(e, (sdsurgery.SurgeryError, ValueError, OSError)):
                 raise

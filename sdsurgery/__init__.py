@@ -6,6 +6,15 @@
     ...train...
     plain = sdsurgery.fold(sd_model)                     # the original architecture again
 """
+import os as _os
+import sys as _sys
+
+# `torchrun ... -m sdsurgery`: this runs before torch is imported, while runpy still shows "-m".
+# Every rank would print torch's C++ warnings (DDP's find_unused_parameters notice) once per
+# process; the main rank prints them once. Library imports are not affected.
+if _sys.argv[:1] == ["-m"] and _os.environ.get("RANK", "0") != "0" and "torch" not in _sys.modules:
+    _os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+
 from .checkpoint import CheckpointError, load, read_metadata, save
 from .errors import FoldError, NoResidualsError, NotConvertedError, SurgeryError, TraceError
 from .fold import fold

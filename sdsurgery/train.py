@@ -610,7 +610,8 @@ class _Run:
         if self.main and not self.has_val:
             self.console.print("note: no validation split (data.val_split: 0): no 'best' checkpoint is "
                                "kept; the test set is evaluated once, at the end", markup=False, soft_wrap=True)
-        start = self.started = self.printed = time.perf_counter()
+        start = self.started = time.perf_counter()
+        self.printed = -math.inf  # the first progress line at once, then one per _PRINT_EVERY_S
         self.first_step = self.state.epoch * self.steps_per_epoch + self.state.step
         for epoch in range(self.state.epoch, t.epochs):
             train_loss, seen, seconds = self._epoch(epoch)

@@ -211,6 +211,7 @@ def test_two_cpu_processes_and_grad_accum_match_one_process(tmp_path, schedule):
                           str(_torchrun_recipe(tmp_path, "two", 4, 1, schedule))],
                          env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stderr.count("find_unused_parameters=True was specified") <= 1  # not once per rank
     one = _per_step(tmp_path / "one")
     assert [s for s, _, _ in one] == list(range(1, 11))
     lrs = [lr for _, lr, _ in one]
@@ -381,7 +382,10 @@ def test_resume_needs_only_the_run_directory_and_a_run_says_what_it_will_do(tmp_
                  "running: 1 process on cpu, precision no, global batch 4 (4 per process x 1 x grad_accum 1), 4 steps per epoch x 1 epochs",
                  f"run directory: {(tmp_path / 'run').resolve()}"):
         assert line in r.output, line
+    assert "epoch 1/1 step 1/4: loss " in r.output and " img/s, ETA 0:00:0" in r.output  # no terminal: lines
     run = tmp_path / "run"
+    r = runner.invoke(app, ["inspect", str(run / "model.safetensors")])
+    assert r.exit_code == 0 and "trained on cifar10 (10 classes) at 8 px, bilinear resize" in r.output, r.output
     r = runner.invoke(app, ["finetune", "--resume", str(run), "--set", "train.epochs=2"])
     assert r.exit_code == 0 and "resumed from" in r.output, r.output
     # a recipe that is not the run's own is refused without --set
