@@ -1,4 +1,5 @@
-"""Command-line front end of sdsurgery (typer). The library never imports this package."""
+"""Command-line front end of sdsurgery (typer), installed as `sdsurgery_cli` (the repository
+keeps it in cli/). The library never imports this package."""
 import signal
 import sys
 
@@ -29,7 +30,7 @@ def run() -> None:
     except ValueError:  # not the main thread
         pass
     try:
-        from cli.main import main
+        from sdsurgery_cli.main import main
         main()
     except SystemExit:
         raise

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 import sdsurgery
-from cli import interrupted
+from sdsurgery_cli import interrupted
 
 app = typer.Typer(help="Give residual networks stochastic depth that really skips compute, "
                        "fine-tune them, fold the scaling back into the weights.",

@@ -15,6 +15,7 @@ import sys as _sys
 if _sys.argv[:1] == ["-m"] and _os.environ.get("RANK", "0") != "0" and "torch" not in _sys.modules:
     _os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
+from .version import __version__
 from .checkpoint import CheckpointError, load, read_metadata, save
 from .errors import FoldError, NoResidualsError, NotConvertedError, SurgeryError, TraceError
 from .fold import fold
@@ -24,7 +25,6 @@ from .gates import GateController, StochasticDepthGate, is_converted
 from .residuals import Analysis, RejectedAdd, Residual, analyse, find_residuals
 from .surgery import controller, convert, gates, set_drop_rate
 
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ModelSourceError", "WeightsError", "create_model", "list_models",

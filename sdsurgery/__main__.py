@@ -1,4 +1,4 @@
 """`python -m sdsurgery ...` runs the command line (the same as the `sdsurgery` script)."""
-from cli import run
+from sdsurgery_cli import run
 
 run()

@@ -14,6 +14,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .flops import flop_report
+from .fold import fold
+from .surgery import convert
+
 
 def time_train_steps(variants: dict[str, nn.Module], make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                      steps: int = 20, warmup: int = 3) -> dict[str, list[float]]:
@@ -100,16 +104,14 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
     (gate overhead), and the architecture's own drop-path (``native = (kwarg, rate)``, e.g.
     ``("drop_path_rate", 0.5)``) when it has one; then eval of the folded model against the
     original. ``build(**kwargs)`` returns a fresh randomly initialised model."""
-    import sdsurgery
-    from .flops import flop_report
 
     torch.manual_seed(seed)
     dev = torch.device(device)
     original = build().to(dev)
     variants: dict[str, nn.Module] = {"original": original}
-    variants["sdsurgery p=0"] = sdsurgery.convert(original, drop_rate=0.0, seed=seed)
+    variants["sdsurgery p=0"] = convert(original, drop_rate=0.0, seed=seed)
     label = f"sdsurgery {mode} {drop_rate:g}"
-    variants[label] = sdsurgery.convert(original, drop_rate=drop_rate, mode=mode, seed=seed)
+    variants[label] = convert(original, drop_rate=drop_rate, mode=mode, seed=seed)
     notes: list[str] = []
     if native is not None:
         kw, rate = native
@@ -128,7 +130,7 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
 
     with autocast:
         train = time_train_steps(variants, batch, steps=steps, warmup=warmup)
-        folded = sdsurgery.fold(variants[label])
+        folded = fold(variants[label])
         evals = time_eval({"original": original, "folded": folded},
                           torch.randn(batch_size, 3, image_size, image_size, device=dev),
                           steps=steps, warmup=warmup)

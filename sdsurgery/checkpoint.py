@@ -37,7 +37,7 @@ def describe(model: nn.Module, spec: str | None = None,
 
     ``preprocessing`` (``sdsurgery.data.Preprocessing.to_dict()``: dataset, class count, image
     size, mean/std, interpolation, crop) is what the model was trained on: ``eval`` uses it."""
-    from . import __version__
+    from .version import __version__
     from .gates import CONTROLLER_ATTR, FOLDED_FROM_ATTR
     from .models import source_of
 

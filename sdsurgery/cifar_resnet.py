@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import register_model
+from .registry import register_model
 
 
 class BasicBlock(nn.Module):

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FoldError
-from .ops import get_attr, is_drop_module
+from .ops import describe, get_attr, is_drop_module
 
 if TYPE_CHECKING:  # pragma: no cover
     from .residuals import _Analyser
@@ -154,7 +154,6 @@ def _param_of(node: fx.Node, an: "_Analyser") -> str | None:
 
 
 def _walk(start: fx.Node, an: "_Analyser") -> tuple[str, tuple[str, ...]]:
-    from .residuals import describe
 
     cur = start
     for _ in range(256):
@@ -253,18 +252,7 @@ def fold_plan(an: "_Analyser", branch_out: fx.Node, add: fx.Node) -> FoldPlan:
 
 def _check_private(params: tuple[str, ...], an: "_Analyser") -> None:
     """The parameters must be used once in the whole model (not shared, not tied)."""
-    uses: dict[int, int] = getattr(an, "_param_uses", None)  # type: ignore[assignment]
-    if uses is None:
-        uses = {}
-        for n in an.nodes:
-            if n.op == "call_module":
-                for p in an.modules[n.target].parameters():
-                    uses[id(p)] = uses.get(id(p), 0) + 1
-            elif n.op == "get_attr":
-                obj = get_attr(an.ft.root, n.target)
-                if isinstance(obj, nn.Parameter):
-                    uses[id(obj)] = uses.get(id(obj), 0) + 1
-        an._param_uses = uses  # type: ignore[attr-defined]
+    uses = an.param_uses()
     for name in params:
         p = get_attr(an.ft.root, name)
         if not isinstance(p, torch.Tensor):

@@ -25,10 +25,11 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from . import registry
 from .errors import SurgeryError
+from .registry import register_model  # noqa: F401  (re-exported: sdsurgery.register_model)
 
 SOURCE_ATTR = "_sdsurgery_source"
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 class ModelSourceError(SurgeryError, ValueError):
@@ -51,18 +52,10 @@ class ModelSource:
         return asdict(self)
 
 
-def register_model(fn: Callable[..., nn.Module] | None = None, *, name: str | None = None):
-    """Register a factory in sdsurgery's own registry (``@register_model``)."""
-    def wrap(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name or f.__name__] = f
-        return f
-    return wrap(fn) if fn is not None else wrap
-
-
 def list_models(pattern: str = "*") -> list[str]:
     """Resolvable names matching a glob, each prefixed with its source
     (``sdsurgery:...``, ``timm:...``, ``torchvision:...``)."""
-    out = [f"sdsurgery:{n}" for n in sorted(_REGISTRY) if fnmatch.fnmatchcase(n, pattern)]
+    out = [f"sdsurgery:{n}" for n in registry.names(pattern)]
     import timm
     import torchvision
     out += [f"timm:{n}" for n in timm.list_models(pattern)]
@@ -131,7 +124,7 @@ def _resolve_bare(name: str) -> str:
     """The source a bare name comes from: sdsurgery's registry, then timm, then torchvision."""
     import timm
     import torchvision
-    if name in _REGISTRY:
+    if registry.registered(name):
         return "sdsurgery"
     if timm.is_model(name):
         return "timm"
@@ -145,7 +138,7 @@ def _suggest(name: str) -> str:
     import timm
     import torchvision
     base = name.split(".")[0]
-    pool = list(dict.fromkeys(list(_REGISTRY) + timm.list_models()
+    pool = list(dict.fromkeys(registry.names() + timm.list_models()
                               + torchvision.models.list_models(module=torchvision.models)))
     close = difflib.get_close_matches(base, pool, n=3, cutoff=0.6)
     return f" (did you mean {', '.join(close)}?)" if close else ""
@@ -159,11 +152,11 @@ def _pretrained_failed(name: str, err: Exception) -> WeightsError:
 
 
 def _build_registered(name: str, num_classes: int | None, kwargs: dict) -> nn.Module:
-    if name not in _REGISTRY:
+    if not registry.registered(name):
         raise ModelSourceError(f"unknown sdsurgery model {name!r}{_suggest(name)}")
     if num_classes is not None:
         kwargs = {**kwargs, "num_classes": num_classes}
-    return call_factory(_REGISTRY[name], name, kwargs)
+    return call_factory(registry.get_factory(name), name, kwargs)
 
 
 def _build_timm(name: str, pretrained: bool, num_classes: int | None, kwargs: dict) -> nn.Module:

@@ -212,3 +212,16 @@ def shortcut_role(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
             return "projection"
         return None
     return None
+
+
+def describe(node: fx.Node) -> str:
+    """A short human description of a node, for messages."""
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}()"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    if node.op == "get_attr":
+        return f"attribute '{node.target}'"
+    return f"{node.op} '{node.name}'"

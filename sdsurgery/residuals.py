@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import NoResidualsError, TraceError
-from .ops import (add_operands, is_add_call, is_drop_module, is_inplace_add, get_attr,
+from .ops import (add_operands, describe, is_add_call, is_drop_module, is_inplace_add, get_attr,
                   shortcut_role, value_kinds)
 from .tracing import (FlatTrace, LeafSpec, notrace_module_types, resolve_leaves, trace_model,
                       trace_with_example, traceable)
@@ -442,6 +442,7 @@ def _is_zero_like(node: fx.Node) -> bool:
 class _Analyser:
     def __init__(self, ft: FlatTrace):
         self.ft = ft
+        self._param_uses: dict[int, int] | None = None
         self.graph = ft.graph
         redirect_inplace_adds(self.graph)
         drop_dead_getitems(self.graph)
@@ -462,6 +463,22 @@ class _Analyser:
         self.modules = ft.modules
 
     # -- the chain from the fork to the shortcut operand
+    def param_uses(self) -> dict[int, int]:
+        """How many graph nodes use each parameter (by id): a fold target's parameters must be
+        used once (not shared, not tied). Computed once per analysis."""
+        if self._param_uses is None:
+            uses: dict[int, int] = {}
+            for n in self.nodes:
+                if n.op == "call_module":
+                    for p in self.modules[n.target].parameters():
+                        uses[id(p)] = uses.get(id(p), 0) + 1
+                elif n.op == "get_attr":
+                    obj = get_attr(self.ft.root, n.target)
+                    if isinstance(obj, nn.Parameter):
+                        uses[id(obj)] = uses.get(id(obj), 0) + 1
+            self._param_uses = uses
+        return self._param_uses
+
     def _shortcut_chain(self, s: fx.Node, fork: fx.Node) -> tuple[list[tuple[fx.Node, str]], str | None]:
         chain: list[tuple[fx.Node, str]] = []
         cur = s
@@ -798,19 +815,6 @@ def _name(owner: str, branch_modules: tuple[str, ...], modules: dict[str, nn.Mod
         if params > best_params:
             best, best_params = child, params
     return prefix + (best if best is not None else f"add{position}")
-
-
-def describe(node: fx.Node) -> str:
-    """A short human description of a node, for messages."""
-    if node.op == "call_module":
-        return f"module '{node.target}'"
-    if node.op == "call_function":
-        return f"function {getattr(node.target, '__name__', node.target)}()"
-    if node.op == "call_method":
-        return f"method .{node.target}()"
-    if node.op == "get_attr":
-        return f"attribute '{node.target}'"
-    return f"{node.op} '{node.name}'"
 
 
 def require_residuals(residuals: Sequence[Residual], model: nn.Module) -> None:

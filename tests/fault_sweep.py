@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sdsurgery  # noqa: E402
-from cli.main import app  # noqa: E402
+from sdsurgery_cli.main import app  # noqa: E402
 
 W = Path(tempfile.mkdtemp(prefix="sdsurgery-faults-"))
 os.chdir(W)

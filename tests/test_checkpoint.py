@@ -137,7 +137,7 @@ def _spec(spec, kwargs=None):
 
 def test_opening_a_checkpoint_never_runs_code_it_names(tmp_path, monkeypatch):
     from typer.testing import CliRunner
-    from cli.main import app
+    from sdsurgery_cli.main import app
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "evil.py").write_text("open('pwned_by_import', 'w').close()\ndef f(): pass\n")

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import sdsurgery
-from cli.main import app
+from sdsurgery_cli.main import app
 
 runner = CliRunner()
 

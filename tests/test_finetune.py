@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import sdsurgery
-from cli.main import app
+from sdsurgery_cli.main import app
 from test_data import write_cifar10, write_svhn
 
 TESTS = Path(__file__).parent
@@ -151,7 +151,7 @@ def test_killed_mid_epoch_resumes_exactly(tmp_path, no_md5):
     proc = subprocess.Popen([sys.executable, "-c",
                              "import torchvision.datasets.cifar as c; c.check_integrity = lambda *a, **k: True; "
                              "import sys; sys.argv = ['sdsurgery', 'finetune', sys.argv[1]]; "
-                             "from cli.main import main; main()", str(path)],
+                             "from sdsurgery_cli.main import main; main()", str(path)],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not (run / "checkpoints" / "epoch_0_step_5").is_dir() and proc.poll() is None:
@@ -306,7 +306,7 @@ def test_two_runs_started_together_never_share_a_directory(tmp_path, no_md5):
     path = recipe(tmp_path, "cifar10", epochs=2)
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
     code = ("import torchvision.datasets.cifar as c; c.check_integrity = lambda *a, **k: True; "
-            "import sys; sys.argv = ['sdsurgery', 'finetune', sys.argv[1]]; from cli.main import main; main()")
+            "import sys; sys.argv = ['sdsurgery', 'finetune', sys.argv[1]]; from sdsurgery_cli.main import main; main()")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(path)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

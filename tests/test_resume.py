@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cli.main import app
+from sdsurgery_cli.main import app
 from sdsurgery import resume
 from sdsurgery.checkpoint import CheckpointError
 from test_data import write_cifar10

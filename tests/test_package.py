@@ -1,0 +1,91 @@
+"""The package's shape: no import cycles, the library never imports the CLI, one top-level package."""
+import ast
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+PACKAGE = ROOT / "sdsurgery"
+
+
+def _imports(path: Path) -> set[str]:
+    """sdsurgery modules ``path`` imports, at any depth (lazy imports count), except under
+    ``if TYPE_CHECKING:`` (never executed)."""
+    module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+    package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module.removesuffix(".__init__")
+    found = set()
+
+    def visit(node):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for a in node.names:  # a submodule, else an attribute of the module `target`
+                sub = f"{target}.{a.name}"
+                found.add(sub if (ROOT / Path(*sub.split("."))).with_suffix(".py").is_file()
+                          or (ROOT / Path(*sub.split(".")) / "__init__.py").is_file() else target)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return {f for f in found if f.split(".")[0] in ("sdsurgery", "sdsurgery_cli")}
+
+
+def _modules() -> dict[str, Path]:
+    return {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+            for p in PACKAGE.rglob("*.py")}
+
+
+def test_no_import_cycles_inside_the_package():
+    mods = _modules()
+    graph = {m: {d for d in _imports(p) if d in mods and d != m and m != "sdsurgery.__main__"}
+             for m, p in mods.items()}
+    state, cycles = {}, []
+
+    def walk(m, trail):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(trail[trail.index(d):] + [d])
+            elif d not in state:
+                walk(d, trail + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            walk(m, [m])
+    assert not cycles, " | ".join(" -> ".join(c) for c in cycles)
+
+
+def test_the_library_never_imports_the_cli():
+    offenders = [m for m, p in _modules().items() if m != "sdsurgery.__main__"
+                 and any(d.startswith("sdsurgery_cli") for d in _imports(p))]
+    assert not offenders
+
+
+def test_installing_puts_one_top_level_package_and_its_cli(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("sdsurgery", "cli"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl")))
+    top = {n.split("/")[0] for n in wheel.namelist() if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"sdsurgery", "sdsurgery_cli"}
+    entry = next(n for n in wheel.namelist() if n.endswith("entry_points.txt"))
+    assert "sdsurgery = sdsurgery_cli:run" in wheel.read(entry).decode()
