@@ -18,6 +18,8 @@ from .flops import flop_report
 from .fold import fold
 from .surgery import convert
 
+__all__ = ["time_train_steps", "time_eval", "median", "BenchResult", "run_bench"]
+
 
 def time_train_steps(variants: dict[str, nn.Module], make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                      steps: int = 20, warmup: int = 3) -> dict[str, list[float]]:

@@ -21,7 +21,11 @@ from typing import Any, Callable, Union
 import torch
 import torch.nn as nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
+from .gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR
+
+__all__ = ["FORMAT", "META_KEY", "CheckpointError", "describe", "save", "read_metadata",
+           "SAFE_SOURCES", "Factory", "build", "load"]
 
 FORMAT = 1
 META_KEY = "sdsurgery"
@@ -38,14 +42,13 @@ def describe(model: nn.Module, spec: str | None = None,
     ``preprocessing`` (``sdsurgery.data.Preprocessing.to_dict()``: dataset, class count, image
     size, mean/std, interpolation, crop) is what the model was trained on: ``eval`` uses it."""
     from .version import __version__
-    from .gates import CONTROLLER_ATTR, FOLDED_FROM_ATTR
     from .models import source_of
 
     src = source_of(model)
     if spec is None and src is None:
         raise CheckpointError(f"{type(model).__name__} has no recorded source (it was not built "
                               f"by sdsurgery.create_model): pass spec='module:factory' to save()")
-    folded = bool(model.__dict__.get("_sdsurgery_folded", False))
+    folded = bool(model.__dict__.get(FOLDED_ATTR, False))
     meta: dict[str, Any] = {
         "format": FORMAT,
         "sdsurgery_version": __version__,
@@ -100,8 +103,7 @@ def save(model: nn.Module, path: str | Path, *, spec: str | None = None,
         os.replace(tmp, path)
     except Exception as e:  # disk full, permissions; safetensors raises its own error type
         Path(tmp).unlink(missing_ok=True)
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise CheckpointError(f"cannot write {path}: {type(e).__name__}: {first}") from e
+        raise CheckpointError(f"cannot write {path}: {first_line(e, with_type=True)}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -126,8 +128,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''})") from e
+        raise CheckpointError(f"{path} is not a readable safetensors file "
+                              f"({first_line(e, with_type=True)})") from e
     if META_KEY not in header:
         raise CheckpointError(f"{path} is a safetensors file without sdsurgery metadata; load its "
                               f"tensors into a model with --weights {path} instead")
@@ -387,5 +389,5 @@ def load(path: str | Path, *, factory: Factory | None = None, trust_code: bool =
         except WeightsError as e:
             raise CheckpointError(str(e)) from e
     if meta.get("folded"):
-        model.__dict__["_sdsurgery_folded"] = True
+        model.__dict__[FOLDED_ATTR] = True
     return model

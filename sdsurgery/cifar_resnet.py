@@ -16,6 +16,9 @@ import torch.nn.functional as F
 
 from .registry import register_model
 
+__all__ = ["BasicBlock", "CifarResNet", "cifar_resnet20", "cifar_resnet56", "cifar_resnet110",
+           "cifar_resnet1202", "svhn_resnet152"]
+
 
 class BasicBlock(nn.Module):
     """conv-BN-ReLU-conv-BN plus a shortcut, then ReLU. Shapes: (N, C_in, H, W) ->

@@ -2,6 +2,19 @@
 where the problem is known, with a message that says what is wrong and how to fix it."""
 from __future__ import annotations
 
+__all__ = ["SurgeryError", "TraceError", "NoResidualsError", "FoldError", "NotConvertedError",
+           "first_line"]
+
+
+def first_line(e: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message, for one-line errors (``Type: line`` with
+    ``with_type``; the type's name when the message is empty)."""
+    text = str(e).strip()
+    line = text.splitlines()[0].strip() if text else ""
+    if not line:
+        return type(e).__name__
+    return f"{type(e).__name__}: {line}" if with_type else line
+
 
 class SurgeryError(Exception):
     """Base class of sdsurgery's own errors."""

@@ -9,6 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .gates import installed_gates
 
+__all__ = ["FlopReport", "flop_report"]
+
 
 @dataclass(frozen=True)
 class FlopReport:

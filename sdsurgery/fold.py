@@ -26,7 +26,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FoldError
+from ._compat import BATCH_NORM
 from .ops import describe, get_attr, is_drop_module
+
+__all__ = ["FoldPlan", "fold_plan", "fold"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .residuals import _Analyser
@@ -74,7 +77,7 @@ _AFFINE_FUNCTIONS: dict[object, tuple[str, ...]] = {
 _AFFINE_FUNCTION_NAMES = {"shifted_window_attention": ("proj_weight", "proj_bias")}
 _STANDARD_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward,
                       nn.LayerNorm.forward, nn.GroupNorm.forward,
-                      nn.modules.batchnorm._BatchNorm.forward}
+                      BATCH_NORM.forward}
 
 
 def _commuting_act(m: nn.Module | None) -> bool:
@@ -97,7 +100,7 @@ def _module_affine_params(m: nn.Module, name: str) -> tuple[str, ...]:
             return with_bias("gain")
         raise _Blocked(f"its last layer '{name}' ({cls}) re-normalises its weight, so a scale "
                        f"on the weight does not reach the output")
-    if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)):
+    if isinstance(m, (BATCH_NORM, nn.LayerNorm, nn.GroupNorm)):
         if getattr(m, "weight", None) is None:
             raise _Blocked(f"its last layer '{name}' ({cls}) is a norm without affine parameters")
         if type(m).forward not in _STANDARD_FORWARDS:
@@ -279,7 +282,7 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
     Raises:
         FoldError: a branch needs a scale and has nowhere to put it (and ``keep_scale`` is off).
     """
-    from .gates import CONTROLLER_ATTR, FOLDED_FROM_ATTR, installed_gates, uninstall
+    from .gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, installed_gates, uninstall
 
     gates = installed_gates(model)
     blocked = [g for g in gates if g.needs_scale() and g.fold_blocker]
@@ -298,6 +301,6 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
     keep = {g.name for g in gates if g.needs_scale() and g.fold_blocker}
     ctrl = out.__dict__.get(CONTROLLER_ATTR)
     uninstall(out, keep=keep)
-    out.__dict__["_sdsurgery_folded"] = True  # recorded in checkpoints
+    out.__dict__[FOLDED_ATTR] = True  # recorded in checkpoints
     out.__dict__[FOLDED_FROM_ATTR] = ctrl     # its settings too: what the weights were trained with
     return out

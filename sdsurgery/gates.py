@@ -12,12 +12,18 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ._compat import remove_forward_hook
 from .errors import NotConvertedError
 from .schedules import Schedule, check_rate, rescale, spread
+
+__all__ = ["MODES", "SCALINGS", "CONTROLLER_ATTR", "FOLDED_ATTR", "FOLDED_FROM_ATTR",
+           "GateController", "StochasticDepthGate", "GateHook", "controller_of", "is_converted",
+           "installed_gates", "uninstall"]
 
 MODES = ("block", "sample")
 SCALINGS = ("expectation", "inverted")
 CONTROLLER_ATTR = "_sdsurgery"
+FOLDED_ATTR = "_sdsurgery_folded"  # set on a folded model (recorded in checkpoints)
 FOLDED_FROM_ATTR = "_sdsurgery_folded_from"  # the controller a folded model was trained with
 
 
@@ -248,7 +254,7 @@ def uninstall(model: nn.Module, keep: set[str] = frozenset()) -> None:
         if gate_name in keep:
             hooks.append((module_name, key, gate_name))
         else:
-            model.get_submodule(module_name)._forward_hooks.pop(key, None)
+            remove_forward_hook(model.get_submodule(module_name), key)
             unhooked.add(gate_name)
     ctrl.hooks = hooks
     remaining: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []

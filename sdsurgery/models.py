@@ -18,7 +18,7 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,8 +26,12 @@ import torch
 import torch.nn as nn
 
 from . import registry
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .registry import register_model  # noqa: F401  (re-exported: sdsurgery.register_model)
+
+__all__ = ["SOURCE_ATTR", "ModelSourceError", "WeightsError", "ModelSource", "register_model", "list_models",
+           "source_of", "create_model", "split_spec", "reset_classifier", "call_factory",
+           "read_state_dict", "load_weights", "check_keys"]
 
 SOURCE_ATTR = "_sdsurgery_source"
 
@@ -47,9 +51,6 @@ class ModelSource:
     spec: str
     num_classes: int | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -145,29 +146,29 @@ def _suggest(name: str) -> str:
 
 
 def _pretrained_failed(name: str, err: Exception) -> WeightsError:
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-    return WeightsError(f"cannot fetch pretrained weights for {name!r} ({type(err).__name__}: "
-                        f"{first}); use --no-pretrained (pretrained=False) for random weights "
+    return WeightsError(f"cannot fetch pretrained weights for {name!r} "
+                        f"({first_line(err, with_type=True)}); use --no-pretrained (pretrained=False) for random weights "
                         f"or --weights FILE (weights=...) for a local file")
+
+
+def _with_classes(kwargs: dict, num_classes: int | None) -> dict:
+    """The factory's keyword arguments, with ``num_classes`` when one is asked for (every source
+    builds its classifier from it, as timm and torchvision do)."""
+    return kwargs if num_classes is None else {**kwargs, "num_classes": num_classes}
 
 
 def _build_registered(name: str, num_classes: int | None, kwargs: dict) -> nn.Module:
     if not registry.registered(name):
         raise ModelSourceError(f"unknown sdsurgery model {name!r}{_suggest(name)}")
-    if num_classes is not None:
-        kwargs = {**kwargs, "num_classes": num_classes}
-    return call_factory(registry.get_factory(name), name, kwargs)
+    return call_factory(registry.get_factory(name), name, _with_classes(kwargs, num_classes))
 
 
 def _build_timm(name: str, pretrained: bool, num_classes: int | None, kwargs: dict) -> nn.Module:
     import timm
     if not name.startswith("hf-hub:") and not timm.is_model(name):
         raise ModelSourceError(f"unknown timm model {name!r}{_suggest(name)}")
-    extra = dict(kwargs)
-    if num_classes is not None:
-        extra["num_classes"] = num_classes
     try:
-        return timm.create_model(name, pretrained=pretrained, **extra)
+        return timm.create_model(name, pretrained=pretrained, **_with_classes(kwargs, num_classes))
     except TypeError as e:
         raise ModelSourceError(f"cannot build timm model {name!r}: {e}") from e
     except RuntimeError as e:
@@ -188,11 +189,8 @@ def _build_torchvision(name: str, pretrained: bool, num_classes: int | None, kwa
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ModelSourceError(f"unknown torchvision classification model {name!r}{_suggest(name)}")
     if not pretrained:
-        extra = dict(kwargs)
-        if num_classes is not None:
-            extra["num_classes"] = num_classes
         try:
-            return torchvision.models.get_model(name, weights=None, **extra)
+            return torchvision.models.get_model(name, weights=None, **_with_classes(kwargs, num_classes))
         except (TypeError, ValueError) as e:
             raise ModelSourceError(f"cannot build torchvision model {name!r}: {e}") from e
     try:
@@ -258,9 +256,7 @@ def _build_factory(spec: str, num_classes: int | None, kwargs: dict) -> nn.Modul
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise ModelSourceError(f"{spec!r}: {target} has no callable {fn_name!r}")
-    if num_classes is not None:
-        kwargs = {**kwargs, "num_classes": num_classes}
-    return call_factory(fn, spec, kwargs)
+    return call_factory(fn, spec, _with_classes(kwargs, num_classes))
 
 
 def call_factory(fn: Callable[..., nn.Module], spec: str, kwargs: dict) -> nn.Module:
@@ -298,7 +294,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
         raise WeightsError(f"{path} is not a readable PyTorch checkpoint (loaded with "
-                           f"weights_only=True: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+                           f"weights_only=True: {first_line(e, with_type=True)})") from e
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

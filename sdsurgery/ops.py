@@ -18,6 +18,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._compat import BATCH_NORM
+
+__all__ = ["ADD_FUNCTIONS", "ADD_METHODS", "is_add_call", "is_inplace_add", "add_operands",
+           "value_kinds", "get_attr", "extra_identity_modules", "is_drop_module", "shortcut_role",
+           "describe"]
+
 # ----------------------------------------------------------------------------------- adds
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
@@ -111,7 +117,7 @@ _IDENTITY_MODULES: tuple[type, ...] = (nn.Identity, nn.Dropout, nn.Dropout1d, nn
                                        nn.Dropout3d, nn.AlphaDropout)
 _PROJECTION_MODULES: tuple[type, ...] = (
     nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear,
-    nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm,
+    BATCH_NORM, nn.LayerNorm, nn.GroupNorm,
     nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
     nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d, nn.Flatten, nn.Upsample,

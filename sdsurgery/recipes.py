@@ -18,6 +18,10 @@ import yaml
 from .errors import SurgeryError
 from .models import split_spec
 
+__all__ = ["RecipeError", "ModelConfig", "DataConfig", "OptimizerConfig", "ScheduleConfig",
+           "StochasticDepthConfig", "TrainConfig", "Recipe", "parse_recipe", "apply_overrides",
+           "difference", "load_recipe"]
+
 
 class RecipeError(SurgeryError, ValueError):
     """A recipe (or an override) does not fit the schema."""

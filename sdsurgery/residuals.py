@@ -25,11 +25,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ._compat import BATCH_NORM, CONV, INSTANCE_NORM, POOLS
 from .errors import NoResidualsError, TraceError
 from .ops import (add_operands, describe, is_add_call, is_drop_module, is_inplace_add, get_attr,
                   shortcut_role, value_kinds)
 from .tracing import (FlatTrace, LeafSpec, notrace_module_types, resolve_leaves, trace_model,
                       trace_with_example, traceable)
+
+__all__ = ["Residual", "RejectedAdd", "Analysis", "find_residuals", "analyse", "select",
+           "owner_of", "redirect_inplace_adds", "drop_dead_getitems", "ancestor_masks",
+           "iter_bits", "require_residuals"]
 
 _MAX_SHORTCUT_OPS = 8
 _MAX_AUTO_LEAVES = 64
@@ -408,12 +413,11 @@ def _sub_operands(node: fx.Node, kinds: dict[fx.Node, str]) -> tuple[fx.Node, fx
 def _is_pooling(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Spatial pooling (PoolFormer's token mixer: pool(x) - x)."""
     if node.op == "call_module":
-        return isinstance(modules[node.target], (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd,
-                                                 nn.modules.pooling._AdaptiveAvgPoolNd))
+        return isinstance(modules[node.target], POOLS)
     return node.op == "call_function" and getattr(node.target, "__name__", "").endswith(("avg_pool2d", "max_pool2d"))
 
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_NORMS = (BATCH_NORM, nn.LayerNorm, nn.GroupNorm, INSTANCE_NORM)
 
 
 def _is_norm(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -534,7 +538,7 @@ class _Analyser:
 
     def _is_norm_act(self, n: fx.Node) -> bool:
         m = self.modules.get(n.target) if n.op == "call_module" else None
-        return isinstance(m, nn.modules.batchnorm._BatchNorm) and isinstance(getattr(m, "act", None), nn.Module)
+        return isinstance(m, BATCH_NORM) and isinstance(getattr(m, "act", None), nn.Module)
 
     def _data_inputs(self, n: fx.Node) -> list[fx.Node]:
         """The tensors ``n`` computes on (for reshapes only the first argument: the sizes may
@@ -696,8 +700,8 @@ class _Analyser:
     def _depthwise(self, n: fx.Node) -> bool:
         m = self.modules.get(n.target) if n.op == "call_module" else None
         if isinstance(m, nn.Sequential):
-            m = next((c for c in m if isinstance(c, nn.modules.conv._ConvNd)), None)
-        return isinstance(m, nn.modules.conv._ConvNd) and m.groups == m.in_channels
+            m = next((c for c in m if isinstance(c, CONV)), None)
+        return isinstance(m, CONV) and m.groups == m.in_channels
 
     def _computed_from_in_scope(self, fork: fx.Node, owner: str) -> set[fx.Node]:
         """Tensors the owner's forward computed ``fork`` from (its own inputs included)."""

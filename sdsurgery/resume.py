@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CheckpointError
+from .errors import first_line
 
 __all__ = ["CHECKPOINTS", "checkpoints", "flatten", "unflatten", "prune", "read", "tidy", "write",
            "capture_rng", "restore_rng"]
@@ -223,8 +224,7 @@ def _remove(path: Path) -> None:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+    return first_line(e, with_type=True)
 
 
 class Checkpoint:

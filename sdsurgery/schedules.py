@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence, Union
 
+__all__ = ["Schedule", "SCHEDULES", "check_rate", "spread", "rescale"]
+
 Schedule = Union[str, Sequence[float], Callable[[int, int], float]]
 SCHEDULES = ("linear", "uniform")
 

@@ -34,7 +34,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import NoResidualsError
+from ._compat import SPEC_ATTRS, buffers_of, children_of, parameters_of, pytree_info
+from .errors import NoResidualsError, first_line
 from .gates import (CONTROLLER_ATTR, MODES, SCALINGS, GateController, GateHook,
                     StochasticDepthGate, controller_of, installed_gates)
 from .ops import get_attr, is_add_call, value_kinds
@@ -42,6 +43,8 @@ from .residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_g
                         redirect_inplace_adds, require_residuals, select)
 from .schedules import Schedule, check_rate
 from .tracing import FlatTrace, LeafSpec, split_call, trace_block, trace_block_on_example
+
+__all__ = ["log", "convert", "gates", "set_drop_rate", "controller"]
 
 _DEFAULT_SEED_SALT = 0x5D5D
 log = logging.getLogger("sdsurgery")
@@ -203,7 +206,7 @@ def _hook_program(target: nn.Module, owner: str, residuals: list[Residual], prob
     skipped = []
     for r in residuals:
         attr = f"sd_gate_{len(prog.gates)}"
-        if r.tail is None or attr in block._modules or attr in block.__dict__:
+        if r.tail is None or attr in children_of(block) or attr in block.__dict__:
             skipped.append((r.name, f"block '{owner}' not rewritten: {why}; its branch does not "
                                     f"end in a module output that a gate could take over"))
             continue
@@ -390,7 +393,7 @@ def _structure_key(block: nn.Module, concrete: dict[str, Any] | None, specs: tup
     if attrs is None:
         return None
     # The block's code may also read its children's settings (`self.conv.stride`): one level.
-    children = tuple((n, type(m), _simple_attrs(m, strict=False)) for n, m in block._modules.items())
+    children = tuple((n, type(m), _simple_attrs(m, strict=False)) for n, m in children_of(block).items())
     try:
         concrete_key = tuple(sorted((k, v) for k, v in (concrete or {}).items()))
         hash(concrete_key)
@@ -398,8 +401,8 @@ def _structure_key(block: nn.Module, concrete: dict[str, Any] | None, specs: tup
         return None
     return (type(block), concrete_key, specs, add_count, tuple(attrs),
             children,
-            tuple((n, None if p is None else tuple(p.shape)) for n, p in block._parameters.items()),
-            tuple((n, None if b is None else tuple(b.shape)) for n, b in block._buffers.items()))
+            tuple((n, None if p is None else tuple(p.shape)) for n, p in parameters_of(block).items()),
+            tuple((n, None if b is None else tuple(b.shape)) for n, b in buffers_of(block).items()))
 
 
 def _simple_attrs(module: nn.Module | None, strict: bool = True):
@@ -458,7 +461,7 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
     kinds = value_kinds(graph, block)
     order = {n: i for i, n in enumerate(graph.nodes)}
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    used = set(block._modules) | set(block.__dict__)
+    used = set(children_of(block)) | set(block.__dict__)
     out = _Rewrite(forward=None, branches=[], gate_attrs=[], batched=[], fallback=[],  # type: ignore[arg-type]
                    masked=[])
     for k, (r, add) in enumerate([(r, adds[r.add_position]) for r in residuals]):
@@ -502,7 +505,7 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
 
 
 def _first_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:160]
+    return first_line(e)[:160]
 
 
 def _depends_on(node: fx.Node, sources: list[fx.Node]) -> bool:
@@ -591,11 +594,11 @@ def _compile(graph: fx.Graph, label: str) -> Callable:
     """Generated Python for ``graph`` as a function ``forward(self, *inputs)``."""
     code = graph.python_code(root_module="self")
     src, namespace = code.src, dict(code.globals)
-    info = getattr(graph._codegen, "pytree_info", None)
+    info = pytree_info(graph)
     if info is not None:
         # Blocks called with tuples / dicts get pytree-flattening code that reads the specs from
         # a GraphModule's attributes; hand them to the function instead (the block has none).
-        src = src.replace("self._in_spec", "_sd_in_spec").replace("self._out_spec", "_sd_out_spec")
+        src = src.replace(SPEC_ATTRS[0], "_sd_in_spec").replace(SPEC_ATTRS[1], "_sd_out_spec")
         namespace["_sd_in_spec"], namespace["_sd_out_spec"] = info.in_spec, info.out_spec
     key = f"<sdsurgery {label} {uuid.uuid4().hex[:8]}>"
     # Registered with linecache so tracebacks, inspect and torch.compile see the source.

@@ -24,18 +24,21 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .errors import TraceError
+from ._compat import without_fx_patches
+from .errors import TraceError, first_line
 from .ops import extra_identity_modules
+
+__all__ = ["LeafSpec", "ModuleCall", "FlatTrace", "resolve_leaves", "traceable",
+           "notrace_module_types", "trace_model", "trace_with_example", "split_call",
+           "trace_block_on_example", "trace_block"]
 
 LeafSpec = Iterable["type[nn.Module] | str | nn.Module"]
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
-    try:
-        from timm.layers import _fx as timm_fx
-    except Exception:  # pragma: no cover - timm is a dependency
-        return (), ()
-    return tuple(timm_fx.get_notrace_modules()), tuple(timm_fx.get_notrace_functions())
+    from timm.layers import get_notrace_functions, get_notrace_modules
+
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 
 @dataclass
@@ -188,10 +191,8 @@ class _RunsExamples:
             return fx.node.map_arg(a, lambda n: n.meta.get("example"))
         args, kwargs = value(node.args), value(node.kwargs)
         # fx patches Module.__call__ / __getattr__ and wrapped functions while tracing: run
-        # the example outside those patches (private helper of torch.fx, torch is pinned).
-        from torch.fx._symbolic_trace import _maybe_revert_all_patches
-
-        with torch.no_grad(), _maybe_revert_all_patches():
+        # the example outside those patches.
+        with torch.no_grad(), without_fx_patches():
             if node.op == "placeholder":
                 return self.examples.get(str(node.target).lstrip("*"))
             if node.op == "get_attr":
@@ -235,8 +236,6 @@ class FlatTrace:
     graph: fx.Graph
     modules: dict[str, nn.Module]
     calls: dict[str, list[ModuleCall]]
-    leaf_types: tuple[type, ...]
-    leaf_ids: set[int]
     autowrap_functions: tuple[Callable, ...] = field(default_factory=tuple)
 
 
@@ -315,13 +314,11 @@ def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),
         except Exception as e:
             name, cls = tracer.failed_module or ("", type(model))
             where, how = _leaf_hint(name, cls)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TraceError(f"torch.fx cannot trace {where}: {type(e).__name__}: {first}. "
+            raise TraceError(f"torch.fx cannot trace {where}: {first_line(e, with_type=True)}. "
                              f"Mark it a leaf with {how}; residuals inside a leaf are not gated",
                              module=name) from e
     return FlatTrace(root=model, graph=graph, modules=dict(model.named_modules()),
-                     calls=tracer.calls, leaf_types=leaf_types, leaf_ids=user_ids,
-                     autowrap_functions=timm_fns)
+                     calls=tracer.calls, autowrap_functions=timm_fns)
 
 
 def trace_with_example(module: nn.Module, leaf_modules: LeafSpec, args: tuple,

@@ -35,8 +35,11 @@ import yaml
 from . import resume as resume_state
 from . import rundir
 from .checkpoint import CheckpointError
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 from .recipes import Recipe
+
+__all__ = ["TrainResult", "DivergenceError", "Interrupted", "evaluate", "EvalResult",
+           "checkpoint_file", "evaluate_checkpoint", "finetune"]
 
 
 @dataclass
@@ -432,8 +435,8 @@ class _Run:
                 self.accelerator.scaler.load_state_dict(ck.states["scaler"])
             self.state.load_state_dict(ck.loop)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{ck.directory} does not fit this run's recipe ({type(e).__name__}: "
-                                  f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from e
+            raise CheckpointError(f"{ck.directory} does not fit this run's recipe "
+                                  f"({first_line(e, with_type=True)})") from e
         if ck.rng is not None:
             resume_state.restore_rng(ck.rng)
         if self.main:

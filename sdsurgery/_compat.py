@@ -1,0 +1,62 @@
+"""Every use of a private torch API in sdsurgery, in one place.
+
+torch is pinned (pyproject / Makefile), and ``tests/test_compat.py`` holds one test per name
+that fails if a torch release changes what sdsurgery relies on. Nothing else in the package
+touches a private torch name.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+__all__ = ["BATCH_NORM", "INSTANCE_NORM", "CONV", "POOLS", "children_of", "parameters_of",
+           "buffers_of", "remove_forward_hook", "pytree_info", "SPEC_ATTRS", "without_fx_patches"]
+
+# Base classes torch keeps private: every BatchNorm*d / InstanceNorm*d / Conv*d and pooling layer.
+BATCH_NORM: type = nn.modules.batchnorm._BatchNorm
+INSTANCE_NORM: type = nn.modules.instancenorm._InstanceNorm
+CONV: type = nn.modules.conv._ConvNd
+POOLS: tuple[type, ...] = (nn.modules.pooling._AvgPoolNd, nn.modules.pooling._MaxPoolNd,
+                           nn.modules.pooling._AdaptiveAvgPoolNd)
+
+
+def children_of(module: nn.Module) -> dict[str, nn.Module | None]:
+    """The module's own child slots by name, including slots set to None (``named_children``
+    skips those)."""
+    return module._modules
+
+
+def parameters_of(module: nn.Module) -> dict[str, nn.Parameter | None]:
+    """The module's own parameter slots, including ``bias=None`` (``named_parameters`` skips it)."""
+    return module._parameters
+
+
+def buffers_of(module: nn.Module) -> dict[str, Any]:
+    """The module's own buffer slots, including ones set to None."""
+    return module._buffers
+
+
+def remove_forward_hook(module: nn.Module, key: int) -> None:
+    """Remove the forward hook registered under ``key`` (``RemovableHandle.id``): handles do not
+    survive ``copy.deepcopy`` of the model, the keys do."""
+    module._forward_hooks.pop(key, None)
+
+
+def pytree_info(graph: fx.Graph):
+    """The pytree specs of a graph traced on tuple / dict inputs (None otherwise)."""
+    return getattr(graph._codegen, "pytree_info", None)
+
+
+# The attributes generated code reads the pytree specs from (``self._in_spec``).
+SPEC_ATTRS = ("self._in_spec", "self._out_spec")
+
+
+def without_fx_patches() -> contextlib.AbstractContextManager:
+    """Undo torch.fx's tracing-time patches of ``Module.__call__`` / ``__getattr__`` and wrapped
+    functions for the duration (to run real example values inside a trace)."""
+    from torch.fx._symbolic_trace import _maybe_revert_all_patches
+
+    return _maybe_revert_all_patches()

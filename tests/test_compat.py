@@ -1,0 +1,76 @@
+"""Each private torch API sdsurgery uses (all in sdsurgery/_compat.py) still does what it relies on."""
+import copy
+import re
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from sdsurgery import _compat
+
+
+def test_private_base_classes_cover_the_public_layers():
+    assert all(issubclass(c, _compat.BATCH_NORM) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.SyncBatchNorm))
+    assert issubclass(nn.InstanceNorm2d, _compat.INSTANCE_NORM)
+    assert all(issubclass(c, _compat.CONV) for c in (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d))
+    assert all(issubclass(c, _compat.POOLS) for c in (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
+    assert _compat.BATCH_NORM.forward is nn.BatchNorm2d.forward  # fold matches BatchNorm by its forward
+
+
+def test_slots_include_the_ones_set_to_none():
+    lin = nn.Linear(2, 2, bias=False)
+    lin.register_buffer("stat", None)
+    lin.add_module("gone", None)
+    assert list(_compat.parameters_of(lin)) == ["weight", "bias"] and _compat.parameters_of(lin)["bias"] is None
+    assert list(_compat.buffers_of(lin)) == ["stat"]
+    assert list(_compat.children_of(lin)) == ["gone"]
+
+
+def test_forward_hooks_are_removed_by_key_after_a_deepcopy():
+    calls = []
+    m = nn.Linear(2, 2)
+    key = m.register_forward_hook(lambda *a: calls.append(1)).id
+    twin = copy.deepcopy(m)
+    _compat.remove_forward_hook(twin, key)
+    twin(torch.zeros(1, 2))
+    m(torch.zeros(1, 2))
+    assert calls == [1]
+
+
+def test_pytree_specs_of_a_graph_traced_on_a_tuple_input():
+    class Pair(nn.Module):
+        def forward(self, xy):
+            return xy[0] + xy[1]
+
+    gm = fx.symbolic_trace(Pair(), concrete_args={"xy": (fx.PH, fx.PH)})
+    assert _compat.pytree_info(gm.graph) is not None
+    src = gm.graph.python_code(root_module="self").src
+    assert _compat.SPEC_ATTRS[0] in src
+    assert _compat.pytree_info(fx.symbolic_trace(nn.Linear(2, 2)).graph) is None
+
+
+def test_fx_patches_are_undone_inside_a_trace():
+    original = nn.Module.__call__
+    seen = {}
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen["patched"] = nn.Module.__call__ is not original
+            with _compat.without_fx_patches():
+                seen["undone"] = nn.Module.__call__ is original
+            seen["again"] = nn.Module.__call__ is not original
+            return x + 1
+
+    fx.symbolic_trace(Probe())
+    assert seen == {"patched": True, "undone": True, "again": True}
+
+
+def test_no_private_torch_name_outside_compat():
+    private = re.compile(r"\._(BatchNorm|InstanceNorm|ConvNd|AvgPoolNd|MaxPoolNd|AdaptiveAvgPoolNd|modules|"
+                         r"parameters|buffers|forward_hooks|forward_pre_hooks|codegen|in_spec|out_spec)\b|"
+                         r"_maybe_revert_all_patches|timm\.layers\._fx|layers import _fx")
+    package = Path(_compat.__file__).parent
+    found = [f"{p.name}:{i}" for p in package.rglob("*.py") if p.name != "_compat.py"
+             for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
+    assert not found
