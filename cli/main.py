@@ -105,7 +105,7 @@ def _example(model, image_size: int | None):
 
 
 def _checks(drop_rate: float, schedule: str, mode: str, scaling: str) -> None:
-    sdsurgery.schedules.check_rate(drop_rate, "--drop-rate")
+    sdsurgery.gate.schedules.check_rate(drop_rate, "--drop-rate")
     for opt, value, allowed in (("--schedule", schedule, ("linear", "uniform")),
                                 ("--mode", mode, ("block", "sample")),
                                 ("--scaling", scaling, ("expectation", "inverted"))):
@@ -275,7 +275,7 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
     net = None
     if target.endswith(".safetensors"):
         meta = sdsurgery.read_metadata(target)
-        plain = sdsurgery.checkpoint.build(meta, target, factory=factory, trust_code=trust_code)
+        plain = sdsurgery.io.checkpoint.build(meta, target, factory=factory, trust_code=trust_code)
         if meta.get("converted"):
             net = sdsurgery.load(target, factory=factory, trust_code=trust_code)
     else:
@@ -364,7 +364,7 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
         raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     kwargs = _parse_args(arg)
     probe = sdsurgery.create_model(model, pretrained=False, num_classes=10, **kwargs)
-    spec = sdsurgery.models.source_of(probe).spec
+    spec = sdsurgery.io.models.source_of(probe).spec
     native = (("drop_path_rate", drop_rate) if spec.startswith(("timm:", "hf-hub:")) else
               ("stochastic_depth_prob", drop_rate) if spec.startswith("torchvision:") else None)
 
@@ -423,7 +423,7 @@ def finetune(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (se
     sdsurgery finetune --resume runs/demo --set train.epochs=30 |
     torchrun --nproc_per_node 2 -m sdsurgery finetune recipes/demo.yaml --set train.cpu=true
     """
-    from sdsurgery.recipes import difference, load_recipe
+    from sdsurgery.train.recipes import difference, load_recipe
     from sdsurgery.train import finetune as run
 
     overrides = list(set_)

@@ -16,14 +16,14 @@ if _sys.argv[:1] == ["-m"] and _os.environ.get("RANK", "0") != "0" and "torch" n
     _os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 
 from .version import __version__
-from .checkpoint import CheckpointError, load, read_metadata, save
+from .io.checkpoint import CheckpointError, load, read_metadata, save
 from .errors import FoldError, NoResidualsError, NotConvertedError, SurgeryError, TraceError
 from .fold import fold
-from .models import (ModelSourceError, WeightsError, create_model, list_models,
+from .io.models import (ModelSourceError, WeightsError, create_model, list_models,
                      register_model)
-from .gates import GateController, StochasticDepthGate, is_converted
-from .residuals import Analysis, RejectedAdd, Residual, analyse, find_residuals
-from .surgery import controller, convert, gates, set_drop_rate
+from .gate.gates import GateController, StochasticDepthGate, is_converted
+from .find.residuals import Analysis, RejectedAdd, Residual, analyse, find_residuals
+from .gate.surgery import controller, convert, gates, set_drop_rate
 
 
 __all__ = [

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .flops import flop_report
 from .fold import fold
-from .surgery import convert
+from .gate.surgery import convert
 
 __all__ = ["time_train_steps", "time_eval", "median", "BenchResult", "run_bench"]
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .gates import installed_gates
+from .gate.gates import installed_gates
 
 __all__ = ["FlopReport", "flop_report"]
 

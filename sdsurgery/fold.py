@@ -32,7 +32,7 @@ from .ops import describe, get_attr, is_drop_module
 __all__ = ["FoldPlan", "fold_plan", "fold"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .residuals import _Analyser
+    from .find.residuals import _Analyser
 
 
 @dataclass(frozen=True)
@@ -282,7 +282,7 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
     Raises:
         FoldError: a branch needs a scale and has nowhere to put it (and ``keep_scale`` is off).
     """
-    from .gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, installed_gates, uninstall
+    from .gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, installed_gates, uninstall
 
     gates = installed_gates(model)
     blocked = [g for g in gates if g.needs_scale() and g.fold_blocker]

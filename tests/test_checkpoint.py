@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sdsurgery
-from sdsurgery.checkpoint import CheckpointError
+from sdsurgery.io.checkpoint import CheckpointError
 
 
 def _converted(**kw):

@@ -4,8 +4,8 @@ import pickle
 import numpy as np
 import pytest
 
-import sdsurgery.data as data
-from sdsurgery.data import DataError, load_datasets
+import sdsurgery.train.data as data
+from sdsurgery.train.data import DataError, load_datasets
 
 
 def write_cifar10(root, n_train=20, n_test=10, seed=0):

@@ -236,7 +236,7 @@ def _strict_json(line):
 
 
 def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, no_md5):
-    from sdsurgery import resume
+    from sdsurgery.train import resume
     write_cifar10(tmp_path / "data", n_train=24, n_test=8)
     # lr 0.05 for one epoch, then 5e6: the second epoch diverges
     path = recipe(tmp_path, "cifar10", epochs=3, keep_checkpoints=1)
@@ -277,7 +277,7 @@ def test_skip_nonfinite_skips_that_many_bad_steps_then_stops(tmp_path, no_md5, m
 
 
 def test_ctrl_c_exits_130_saying_what_was_saved(tmp_path, no_md5, monkeypatch):
-    from sdsurgery import train
+    from sdsurgery.train import loop as train
     write_cifar10(tmp_path / "data", n_train=24, n_test=8)
     path = recipe(tmp_path, "cifar10", epochs=3)
 
@@ -320,7 +320,7 @@ def test_two_runs_started_together_never_share_a_directory(tmp_path, no_md5):
 
 
 def test_a_locked_run_directory_is_refused_naming_its_holder(tmp_path, no_md5):
-    from sdsurgery import rundir
+    from sdsurgery.train import rundir
     write_cifar10(tmp_path / "data", n_train=24, n_test=8)
     path = recipe(tmp_path, "cifar10", epochs=1)
     assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
@@ -398,7 +398,7 @@ def test_resume_needs_only_the_run_directory_and_a_run_says_what_it_will_do(tmp_
 
 
 def test_a_failed_download_names_the_recipe_keys(tmp_path, monkeypatch):
-    import sdsurgery.models as models
+    import sdsurgery.io.models as models
 
     def offline(*a, **k):
         raise models.WeightsError("cannot fetch pretrained weights for 'x' (OSError: offline); use "

@@ -9,7 +9,7 @@ import torchvision
 from safetensors.torch import save_file
 
 import sdsurgery
-from sdsurgery.models import ModelSourceError, WeightsError, reset_classifier, source_of
+from sdsurgery.io.models import ModelSourceError, WeightsError, reset_classifier, source_of
 
 
 @sdsurgery.register_model

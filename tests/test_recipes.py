@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from sdsurgery.recipes import RecipeError, load_recipe, parse_recipe
+from sdsurgery.train.recipes import RecipeError, load_recipe, parse_recipe
 
 RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").rglob("*.yaml"))
 

@@ -8,8 +8,8 @@ import torch
 from typer.testing import CliRunner
 
 from sdsurgery_cli.main import app
-from sdsurgery import resume
-from sdsurgery.checkpoint import CheckpointError
+from sdsurgery.train import resume
+from sdsurgery.io.checkpoint import CheckpointError
 from test_data import write_cifar10
 from test_finetune import _metrics, no_md5, recipe  # noqa: F401 (fixture)
 

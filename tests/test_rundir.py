@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from sdsurgery import rundir
+from sdsurgery.train import rundir
 
 
 def test_a_second_run_gets_its_own_directory_while_the_first_holds_one(tmp_path):

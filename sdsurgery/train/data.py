@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset, Subset
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 # name: (num_classes, native size, mean, std, flip)
 _STATS = {

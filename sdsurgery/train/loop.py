@@ -8,10 +8,10 @@ semantics for one large batch). Branches dropped everywhere get no gradient; DDP
 (``find_unused_parameters=True``) and leaves their ``grad`` as None, so the optimizer skips
 them exactly as in one process.
 
-Run directory (locked while a run writes to it, see :mod:`sdsurgery.rundir`): ``recipe.yaml``
+Run directory (locked while a run writes to it, see :mod:`sdsurgery.train.rundir`): ``recipe.yaml``
 (resolved), ``metrics.jsonl`` (one line per epoch, valid JSON), ``checkpoints/epoch_N`` (model,
 optimizer, scheduler, RNG, gate generator, in safetensors and JSON only, see
-:mod:`sdsurgery.resume`; written to a temporary directory and renamed, so a crash never corrupts
+:mod:`sdsurgery.train.resume`; written to a temporary directory and renamed, so a crash never corrupts
 the last good one), ``model.safetensors`` (folded, the CLI's format), ``result.json``.
 
 Divergence: a non-finite loss or gradient norm stops the run before the optimizer applies it
@@ -34,8 +34,8 @@ import yaml
 
 from . import resume as resume_state
 from . import rundir
-from .checkpoint import CheckpointError
-from .errors import SurgeryError, first_line
+from ..io.checkpoint import CheckpointError
+from ..errors import SurgeryError, first_line
 from .recipes import Recipe
 
 __all__ = ["TrainResult", "DivergenceError", "Interrupted", "evaluate", "EvalResult",
@@ -165,7 +165,7 @@ def evaluate_checkpoint(target: str | Path, *, dataset: str | None = None, data_
     are returned as notes. Runs through accelerate on ``device`` (default: a GPU when present)."""
     from accelerate import Accelerator
 
-    from . import checkpoint as ckpt
+    from ..io import checkpoint as ckpt
     from .data import load_datasets
 
     path = checkpoint_file(target)
@@ -279,8 +279,8 @@ class _Run:
         from accelerate.utils import set_seed
 
         from .data import SeededAugmentation, load_datasets, num_classes_of
-        from .models import WeightsError, create_model, source_of
-        from .surgery import convert, set_drop_rate
+        from ..io.models import WeightsError, create_model, source_of
+        from ..gate.surgery import convert, set_drop_rate
 
         recipe, t, accelerator = self.recipe, self.recipe.train, self.accelerator
         set_seed(t.seed)
@@ -345,8 +345,8 @@ class _Run:
 
     def _summary(self) -> None:
         """What a person needs to see when a run starts (main process only)."""
-        from .flops import flop_report
-        from .surgery import controller, gates, set_drop_rate
+        from ..flops import flop_report
+        from ..gate.surgery import controller, gates, set_drop_rate
 
         recipe, t, a = self.recipe, self.recipe.train, self.accelerator
         m, sd, p = recipe.model, recipe.stochastic_depth, self.preprocessing
@@ -383,7 +383,7 @@ class _Run:
     # -------------------------------------------------------------------- checkpoints
     def _save(self, name: str) -> None:
         """A checkpoint of everything the loop needs to continue exactly (code-free files)."""
-        from .surgery import controller
+        from ..gate.surgery import controller
 
         if not _all_finite(self.raw):
             raise self._diverged("the weights are no longer finite")
@@ -393,7 +393,7 @@ class _Run:
             states["gates"] = controller(self.raw).state_dict()
         if self.accelerator.scaler is not None:
             states["scaler"] = self.accelerator.scaler.state_dict()
-        from . import checkpoint as ckpt
+        from ..io import checkpoint as ckpt
 
         meta = {ckpt.META_KEY: json.dumps(ckpt.describe(self.raw, preprocessing=self.preprocessing))}
         resume_state.write(self.run_dir / resume_state.CHECKPOINTS / name, model=self.raw,
@@ -406,8 +406,8 @@ class _Run:
     def _resume(self) -> None:
         """Continue from the newest checkpoint that reads back whole; older ones are tried when
         the newest is damaged (saying so)."""
-        from .models import WeightsError, check_keys
-        from .surgery import controller
+        from ..io.models import WeightsError, check_keys
+        from ..gate.surgery import controller
 
         for line in resume_state.tidy(self.run_dir) if self.main else []:
             self.console.print(f"note: checkpoints: {line}", markup=False, soft_wrap=True)
@@ -479,7 +479,7 @@ class _Run:
     def _log_step(self, epoch: int, steps: int, lr: float, window: list, t0: float) -> None:
         """One line of ``steps.jsonl`` (and, without a terminal, of the console) every
         ``train.log_every_steps`` optimizer steps: global step, lr, mean loss, drop rate, speed."""
-        from .surgery import controller
+        from ..gate.surgery import controller
 
         t = self.recipe.train
         loss = self._mean_loss(window[0], window[1])
@@ -515,7 +515,7 @@ class _Run:
         and steps it ``num_processes`` times)."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from .surgery import controller, set_drop_rate
+        from ..gate.surgery import controller, set_drop_rate
 
         t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
         loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
@@ -597,9 +597,9 @@ class _Run:
         return self._mean_loss(loss_sum, seen), seen, time.perf_counter() - t0
 
     def train(self, resume: bool) -> TrainResult:
-        from . import checkpoint as ckpt
-        from .fold import fold
-        from .surgery import controller
+        from ..io import checkpoint as ckpt
+        from ..fold import fold
+        from ..gate.surgery import controller
 
         t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
         self._build()

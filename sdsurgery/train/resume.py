@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointError
-from .errors import first_line
+from ..io.checkpoint import CheckpointError
+from ..errors import first_line
 
 __all__ = ["CHECKPOINTS", "checkpoints", "flatten", "unflatten", "prune", "read", "tidy", "write",
            "capture_rng", "restore_rng"]

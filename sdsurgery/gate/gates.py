@@ -12,8 +12,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from ._compat import remove_forward_hook
-from .errors import NotConvertedError
+from .._compat import remove_forward_hook
+from ..errors import NotConvertedError
 from .schedules import Schedule, check_rate, rescale, spread
 
 __all__ = ["MODES", "SCALINGS", "CONTROLLER_ATTR", "FOLDED_ATTR", "FOLDED_FROM_ATTR",

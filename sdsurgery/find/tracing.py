@@ -24,9 +24,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ._compat import without_fx_patches
-from .errors import TraceError, first_line
-from .ops import extra_identity_modules
+from .._compat import without_fx_patches
+from ..errors import TraceError, first_line
+from ..ops import extra_identity_modules
 
 __all__ = ["LeafSpec", "ModuleCall", "FlatTrace", "resolve_leaves", "traceable",
            "notrace_module_types", "trace_model", "trace_with_example", "split_call",

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from . import registry
-from .errors import SurgeryError, first_line
+from ..errors import SurgeryError, first_line
 from .registry import register_model  # noqa: F401  (re-exported: sdsurgery.register_model)
 
 __all__ = ["SOURCE_ATTR", "ModelSourceError", "WeightsError", "ModelSource", "register_model", "list_models",
@@ -329,4 +329,4 @@ def check_keys(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
         raise WeightsError(f"{what} does not fit {type(model).__name__}: keys " + "; ".join(parts))
 
 
-from . import cifar_resnet  # noqa: E402,F401  (registers the paper's ResNets)
+from ..zoo import cifar_resnet  # noqa: E402,F401  (registers the paper's ResNets)

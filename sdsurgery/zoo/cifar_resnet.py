@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .registry import register_model
+from ..io.registry import register_model
 
 __all__ = ["BasicBlock", "CifarResNet", "cifar_resnet20", "cifar_resnet56", "cifar_resnet110",
            "cifar_resnet1202", "svhn_resnet152"]

@@ -25,9 +25,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ._compat import BATCH_NORM, CONV, INSTANCE_NORM, POOLS
-from .errors import NoResidualsError, TraceError
-from .ops import (add_operands, describe, is_add_call, is_drop_module, is_inplace_add, get_attr,
+from .._compat import BATCH_NORM, CONV, INSTANCE_NORM, POOLS
+from ..errors import NoResidualsError, TraceError
+from ..ops import (add_operands, describe, is_add_call, is_drop_module, is_inplace_add, get_attr,
                   shortcut_role, value_kinds)
 from .tracing import (FlatTrace, LeafSpec, notrace_module_types, resolve_leaves, trace_model,
                       trace_with_example, traceable)
@@ -134,7 +134,7 @@ def analyse(model: nn.Module, *, leaf_modules: LeafSpec = (),
             example: torch.Tensor | None = None) -> Analysis:
     """Trace ``model`` and classify every tensor add (see the module docstring and
     :func:`find_residuals`)."""
-    from .gates import is_converted  # local: gates imports nothing from here, keep it that way
+    from ..gate.gates import is_converted  # local: gates imports nothing from here, keep it that way
 
     if is_converted(model):
         raise ValueError("the model is already converted (it carries stochastic-depth gates); "
@@ -719,7 +719,7 @@ class _Analyser:
         return out
 
     def run(self) -> Analysis:
-        from .fold import fold_plan  # fold analysis reads the same flat graph
+        from ..fold import fold_plan  # fold analysis reads the same flat graph
 
         found: list[tuple[fx.Node, dict]] = []
         rejected: list[RejectedAdd] = []

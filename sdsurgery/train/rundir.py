@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import SurgeryError
+from ..errors import SurgeryError
 
 try:
     import fcntl

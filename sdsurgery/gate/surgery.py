@@ -1,6 +1,6 @@
 """convert: install stochastic-depth gates in a model, keeping its class and its state_dict.
 
-How it works. The flat trace (:mod:`sdsurgery.residuals`) says which module's ``forward``
+How it works. The flat trace (:mod:`sdsurgery.find.residuals`) says which module's ``forward``
 performs each residual add: its *owner* (``layer3.5`` for a ResNet block). Each owner is traced
 again on its own with every child a leaf, and in that graph the branch nodes of each residual
 are cut out into a separate function and the add is replaced by a call to a gate::
@@ -34,15 +34,15 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ._compat import SPEC_ATTRS, buffers_of, children_of, parameters_of, pytree_info
-from .errors import NoResidualsError, first_line
+from .._compat import SPEC_ATTRS, buffers_of, children_of, parameters_of, pytree_info
+from ..errors import NoResidualsError, first_line
 from .gates import (CONTROLLER_ATTR, MODES, SCALINGS, GateController, GateHook,
                     StochasticDepthGate, controller_of, installed_gates)
-from .ops import get_attr, is_add_call, value_kinds
-from .residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_getitems, iter_bits,
+from ..ops import get_attr, is_add_call, value_kinds
+from ..find.residuals import (Analysis, Residual, analyse, ancestor_masks, drop_dead_getitems, iter_bits,
                         redirect_inplace_adds, require_residuals, select)
 from .schedules import Schedule, check_rate
-from .tracing import FlatTrace, LeafSpec, split_call, trace_block, trace_block_on_example
+from ..find.tracing import FlatTrace, LeafSpec, split_call, trace_block, trace_block_on_example
 
 __all__ = ["log", "convert", "gates", "set_drop_rate", "controller"]
 

@@ -21,8 +21,8 @@ from typing import Any, Callable, Union
 import torch
 import torch.nn as nn
 
-from .errors import SurgeryError, first_line
-from .gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR
+from ..errors import SurgeryError, first_line
+from ..gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR
 
 __all__ = ["FORMAT", "META_KEY", "CheckpointError", "describe", "save", "read_metadata",
            "SAFE_SOURCES", "Factory", "build", "load"]
@@ -39,9 +39,9 @@ def describe(model: nn.Module, spec: str | None = None,
              preprocessing: dict[str, Any] | None = None) -> dict[str, Any]:
     """The metadata ``save`` writes for ``model``.
 
-    ``preprocessing`` (``sdsurgery.data.Preprocessing.to_dict()``: dataset, class count, image
+    ``preprocessing`` (``sdsurgery.train.data.Preprocessing.to_dict()``: dataset, class count, image
     size, mean/std, interpolation, crop) is what the model was trained on: ``eval`` uses it."""
-    from .version import __version__
+    from ..version import __version__
     from .models import source_of
 
     src = source_of(model)
@@ -205,8 +205,8 @@ def _strings(value: Any, where: str) -> list[str] | str | None:
 
 def _validated(meta: Any) -> dict[str, Any]:
     """``meta`` checked against the metadata ``describe`` writes: types, choices and bounds."""
-    from .gates import MODES, SCALINGS
-    from .schedules import SCHEDULES
+    from ..gate.gates import MODES, SCALINGS
+    from ..gate.schedules import SCHEDULES
 
     if not isinstance(meta, dict):
         raise _Invalid(f"it must be a JSON object, got {type(meta).__name__}")
@@ -362,7 +362,7 @@ def load(path: str | Path, *, factory: Factory | None = None, trust_code: bool =
     from safetensors.torch import load_model
 
     from .models import WeightsError, check_keys
-    from .surgery import convert
+    from ..gate.surgery import convert
 
     path = Path(path)
     meta = read_metadata(path)

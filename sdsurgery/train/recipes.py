@@ -15,8 +15,8 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .errors import SurgeryError
-from .models import split_spec
+from ..errors import SurgeryError
+from ..io.models import split_spec
 
 __all__ = ["RecipeError", "ModelConfig", "DataConfig", "OptimizerConfig", "ScheduleConfig",
            "StochasticDepthConfig", "TrainConfig", "Recipe", "parse_recipe", "apply_overrides",

@@ -1,0 +1,1 @@
+"""Find: trace a model with torch.fx and find its residual connections."""

@@ -1,0 +1,1 @@
+"""Models in and out: where models come from (registry, timm, torchvision, factories), weights, the checkpoint format."""

@@ -1,0 +1,1 @@
+"""Models sdsurgery ships: the paper's CIFAR / SVHN ResNets (registered on import)."""
