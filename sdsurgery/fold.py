@@ -156,6 +156,20 @@ def _param_of(node: fx.Node, an: "_Analyser") -> str | None:
             return None
 
 
+def _module_plan(node: fx.Node, m: nn.Module) -> tuple[str, tuple[str, ...]]:
+    """The fold target and parameters of the module a branch ends in (raises _Blocked)."""
+    if type(m).forward is nn.Sequential.forward:
+        return _sequential_plan(m, node.target)
+    try:
+        return node.target, _module_affine_params(m, node.target)
+    except KeyError:
+        if not any(True for _ in m.parameters()):
+            raise _Blocked(f"{describe(node)} ({type(m).__name__}) does not commute with "
+                           f"a scale") from None
+        raise _Blocked(f"its last layer '{node.target}' ({type(m).__name__}) is opaque to "
+                       f"sdsurgery (a leaf module with no known affine form)") from None
+
+
 def _walk(start: fx.Node, an: "_Analyser") -> tuple[str, tuple[str, ...]]:
 
     cur = start
@@ -167,16 +181,7 @@ def _walk(start: fx.Node, an: "_Analyser") -> tuple[str, tuple[str, ...]]:
             if isinstance(m, _PASS_MODULES) or is_drop_module(m):
                 cur = _data_input(cur, an)
                 continue
-            if type(m).forward is nn.Sequential.forward:
-                return _sequential_plan(m, cur.target)
-            try:
-                return cur.target, _module_affine_params(m, cur.target)
-            except KeyError:
-                if not any(True for _ in m.parameters()):
-                    raise _Blocked(f"{describe(cur)} ({type(m).__name__}) does not commute with "
-                                   f"a scale") from None
-                raise _Blocked(f"its last layer '{cur.target}' ({type(m).__name__}) is opaque to "
-                               f"sdsurgery (a leaf module with no known affine form)") from None
+            return _module_plan(cur, m)
         if cur.op == "call_function" and cur.target is operator.getitem:
             base = cur.args[0]
             if isinstance(base, fx.Node) and base.op == "call_module" \

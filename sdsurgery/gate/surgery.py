@@ -101,13 +101,7 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
     probs = ctrl.probabilities(rate)
     if not isinstance(schedule, str):
         ctrl.drop_rate = max(probs)  # custom probabilities are used as given
-    chosen = select(residuals, include, exclude)
-    if not gate_projection:
-        chosen = [r for r in chosen if r.shortcut == "identity"]
-    if not chosen:
-        raise NoResidualsError(f"include={include!r} / exclude={exclude!r} / gate_projection="
-                               f"{gate_projection} leave none of the {len(residuals)} residual "
-                               f"branches ({residuals[0].name} ... {residuals[-1].name})")
+    chosen = _choose(residuals, include, exclude, gate_projection)
 
     target = model if inplace else copy.deepcopy(model)
     # Everything that can fail happens before `target` is touched: no half-converted model.
@@ -116,18 +110,7 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
         more = f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""
         raise NoResidualsError(f"no residual branch could be gated: {skipped[0][0]}: "
                                f"{skipped[0][1]}{more}")
-    unsearched = [(x.owner, x.reason) for x in analysis.rejected if x.node.startswith("leaf ")]
-    for name, why in unsearched:
-        warnings.warn(f"sdsurgery: module {name!r} left as it is: {why}", stacklevel=2)
-    for name, why in skipped:
-        warnings.warn(f"sdsurgery: residual {name!r} left ungated: {why}", stacklevel=2)
-    masked = [(g.name, g.masked) for p in programs for _, g in p.gates if g.masked]
-    if masked:
-        more = f" (and {len(masked) - 1} more)" if len(masked) > 1 else ""
-        warnings.warn(f"sdsurgery: {len(masked)} residual branches are gated by masking, so "
-                      f"dropping them saves no compute: {masked[0][0]!r}: {masked[0][1]}{more}; "
-                      f"see gate.masked", stacklevel=2)
-    ctrl.skipped = unsearched + skipped
+    ctrl.skipped = _warn_about_what_is_left(analysis, programs, skipped)
     ctrl.settings = {
         "include": include, "exclude": exclude, "gate_projection": gate_projection,
         "leaf_modules": [_leaf_name(leaf) for leaf in leaf_modules],
@@ -137,6 +120,35 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
     }
     _install(target, programs, ctrl, analysis)
     return target
+
+
+def _choose(residuals: list[Residual], include, exclude, gate_projection: bool) -> list[Residual]:
+    """The residuals to gate: ``include`` / ``exclude`` globs, projection shortcuts or not."""
+    chosen = select(residuals, include, exclude)
+    if not gate_projection:
+        chosen = [r for r in chosen if r.shortcut == "identity"]
+    if not chosen:
+        raise NoResidualsError(f"include={include!r} / exclude={exclude!r} / gate_projection="
+                               f"{gate_projection} leave none of the {len(residuals)} residual "
+                               f"branches ({residuals[0].name} ... {residuals[-1].name})")
+    return chosen
+
+
+def _warn_about_what_is_left(analysis: Analysis, programs: list, skipped: list) -> list[tuple[str, str]]:
+    """One warning per module left unsearched and per residual left ungated, one for all masked
+    branches (warned at convert's caller); returns the (name, reason) pairs left alone."""
+    unsearched = [(x.owner, x.reason) for x in analysis.rejected if x.node.startswith("leaf ")]
+    for name, why in unsearched:
+        warnings.warn(f"sdsurgery: module {name!r} left as it is: {why}", stacklevel=3)
+    for name, why in skipped:
+        warnings.warn(f"sdsurgery: residual {name!r} left ungated: {why}", stacklevel=3)
+    masked = [(g.name, g.masked) for p in programs for _, g in p.gates if g.masked]
+    if masked:
+        more = f" (and {len(masked) - 1} more)" if len(masked) > 1 else ""
+        warnings.warn(f"sdsurgery: {len(masked)} residual branches are gated by masking, so "
+                      f"dropping them saves no compute: {masked[0][0]!r}: {masked[0][1]}{more}; "
+                      f"see gate.masked", stacklevel=3)
+    return unsearched + skipped
 
 
 def _leaf_name(leaf) -> str | None:

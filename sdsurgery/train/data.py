@@ -7,6 +7,7 @@ pretrained model wants).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -147,6 +148,73 @@ def _missing(name: str, root: Path, files: str) -> DataError:
                      f"there (finetune: data.data_dir; eval: --data-dir)")
 
 
+def _cifar(name: str, root: Path, download: bool, t_train, t_val, t_test, _split: str):
+    import torchvision.datasets as D
+
+    cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
+    folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
+    if not download and not (root / folder).is_dir():
+        raise _missing(name, root, f"{folder}/")
+    try:
+        return (cls(str(root), train=True, transform=t_train, download=download),
+                cls(str(root), train=True, transform=t_val, download=False),
+                cls(str(root), train=False, transform=t_test, download=False))
+    except RuntimeError as e:
+        if "not found" in str(e).lower() or "corrupted" in str(e).lower():
+            raise _missing(name, root, f"{folder}/") from e
+        raise
+
+
+def _svhn(name: str, root: Path, download: bool, t_train, t_val, t_test, train_split: str):
+    import torchvision.datasets as D
+
+    parts = train_split.split("+")
+    if any(p not in ("train", "extra") for p in parts):
+        raise DataError(f"svhn train_split must be 'train' or 'train+extra', got {train_split!r}")
+    files = ", ".join(f"{p}_32x32.mat" for p in parts + ["test"])
+    if not download and not all((root / f).is_file() for f in files.split(", ")):
+        raise _missing(name, root, files)
+    try:
+        sets = [D.SVHN(str(root), split=p, transform=t_train, download=download) for p in parts]
+        val_sets = [D.SVHN(str(root), split=p, transform=t_val, download=False) for p in parts]
+        test = D.SVHN(str(root), split="test", transform=t_test, download=download)
+    except RuntimeError as e:
+        if "not found" in str(e).lower() or "corrupted" in str(e).lower():
+            raise _missing(name, root, files) from e
+        raise
+    joined = (lambda s: s[0] if len(s) == 1 else torch.utils.data.ConcatDataset(s))
+    return joined(sets), joined(val_sets), test
+
+
+def _digits_splits(name: str, root: Path, download: bool, t_train, t_val, t_test, _split: str):
+    return _digits(True, t_train), _digits(True, t_val), _digits(False, t_test)
+
+
+def _fake(name: str, root: Path, download: bool, t_train, t_val, t_test, _split: str,
+          size: int = 256, native: int = 32, classes: int = 10):
+    import torchvision.datasets as D
+
+    return (D.FakeData(size, (3, native, native), classes, t_train, random_offset=0),
+            D.FakeData(size, (3, native, native), classes, t_val, random_offset=0),
+            D.FakeData(max(size // 4, 8), (3, native, native), classes, t_test, random_offset=size))
+
+
+def _imagefolder(name: str, root: Path, download: bool, t_train, t_val, t_test, _split: str):
+    import torchvision.datasets as D
+
+    for sub in ("train", "val"):
+        if not (root / sub).is_dir():
+            raise DataError(f"imagefolder needs {root / sub}/CLASS/IMAGE files")
+    return (D.ImageFolder(str(root / "train"), transform=t_train),
+            D.ImageFolder(str(root / "train"), transform=t_val),
+            D.ImageFolder(str(root / "val"), transform=t_test))
+
+
+# name -> builder(name, root, download, t_train, t_val, t_test, train_split) -> (train, val base, test)
+_BUILDERS = {"cifar10": _cifar, "cifar100": _cifar, "svhn": _svhn, "digits": _digits_splits,
+             "fake": _fake, "imagefolder": _imagefolder}
+
+
 def load_datasets(name: str, root: str | Path = "data", *, download: bool = False,
                   image_size: int | None = None, val_split: int = 0, seed: int = 0,
                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
@@ -166,63 +234,20 @@ def load_datasets(name: str, root: str | Path = "data", *, download: bool = Fals
     """
     if name not in _STATS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    import torchvision.datasets as D
-
     num_classes, native, dmean, dstd, flip = _STATS[name]
     mean, std = tuple(mean or dmean), tuple(std or dstd)
     size = image_size or (32 if name == "digits" else native or 224)
-    t_train = _transforms(True, size, native, mean, std, flip, augment)
-    t_test = _transforms(False, size, native, mean, std, flip, augment)
-    t_val = _transforms(False, size, native, mean, std, flip, augment)
+    transforms = [_transforms(train, size, native, mean, std, flip, augment) for train in (True, False, False)]
     root = Path(root)
+    builder = _BUILDERS[name]
+    if name == "fake":
+        builder = functools.partial(_fake, size=fake_size, native=native, classes=num_classes)
     try:
-        if name in ("cifar10", "cifar100"):
-            cls = D.CIFAR10 if name == "cifar10" else D.CIFAR100
-            folder = "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python"
-            if not download and not (root / folder).is_dir():
-                raise _missing(name, root, f"{folder}/")
-            try:
-                train = cls(str(root), train=True, transform=t_train, download=download)
-                val_base = cls(str(root), train=True, transform=t_val, download=False)
-                test = cls(str(root), train=False, transform=t_test, download=False)
-            except RuntimeError as e:
-                if "not found" in str(e).lower() or "corrupted" in str(e).lower():
-                    raise _missing(name, root, f"{folder}/") from e
-                raise
-        elif name == "svhn":
-            parts = train_split.split("+")
-            if any(p not in ("train", "extra") for p in parts):
-                raise DataError(f"svhn train_split must be 'train' or 'train+extra', got {train_split!r}")
-            files = [f"{p}_32x32.mat" for p in parts + ["test"]]
-            if not download and not all((root / f).is_file() for f in files):
-                raise _missing(name, root, ", ".join(files))
-            try:
-                sets = [D.SVHN(str(root), split=p, transform=t_train, download=download) for p in parts]
-                val_sets = [D.SVHN(str(root), split=p, transform=t_val, download=False) for p in parts]
-                test = D.SVHN(str(root), split="test", transform=t_test, download=download)
-            except RuntimeError as e:
-                if "not found" in str(e).lower() or "corrupted" in str(e).lower():
-                    raise _missing(name, root, ", ".join(f"{p}_32x32.mat" for p in parts + ["test"])) from e
-                raise
-            train = sets[0] if len(sets) == 1 else torch.utils.data.ConcatDataset(sets)
-            val_base = val_sets[0] if len(val_sets) == 1 else torch.utils.data.ConcatDataset(val_sets)
-        elif name == "digits":
-            train, val_base, test = _digits(True, t_train), _digits(True, t_val), _digits(False, t_test)
-        elif name == "fake":
-            train = D.FakeData(fake_size, (3, native, native), num_classes, t_train, random_offset=0)
-            val_base = D.FakeData(fake_size, (3, native, native), num_classes, t_val, random_offset=0)
-            test = D.FakeData(max(fake_size // 4, 8), (3, native, native), num_classes, t_test,
-                              random_offset=fake_size)
-        else:  # imagefolder
-            for sub in ("train", "val"):
-                if not (root / sub).is_dir():
-                    raise DataError(f"imagefolder needs {root / sub}/CLASS/IMAGE files")
-            train = D.ImageFolder(str(root / "train"), transform=t_train)
-            val_base = D.ImageFolder(str(root / "train"), transform=t_val)
-            test = D.ImageFolder(str(root / "val"), transform=t_test)
-            num_classes = len(train.classes)
+        train, val_base, test = builder(name, root, download, *transforms, train_split)
     except OSError as e:  # download failures, unreadable files
         raise DataError(f"cannot load {name} from {root}: {type(e).__name__}: {e}") from e
+    if name == "imagefolder":
+        num_classes = len(train.classes)
     val = None
     if val_split:
         n = len(train)

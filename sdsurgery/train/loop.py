@@ -266,7 +266,165 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
             lock.release()
 
 
-class _Run:
+class _Reporting:
+    """What a run tells a person: the start-up summary, steps.jsonl and progress lines."""
+
+    def _summary(self) -> None:
+        """What a person needs to see when a run starts (main process only)."""
+        from ..flops import flop_report
+        from ..gate.surgery import controller, gates, set_drop_rate
+
+        recipe, t, a = self.recipe, self.recipe.train, self.accelerator
+        m, sd, p = recipe.model, recipe.stochastic_depth, self.preprocessing
+        source = (f"weights {m.weights}" if m.weights else "pretrained weights" if m.pretrained
+                  else "random weights")
+        lines = [f"model: {self.spec}, {source}, {p['num_classes']} classes"]
+        if sd.enabled:
+            ctrl = controller(self.raw)
+            now = ctrl.drop_rate
+            set_drop_rate(self.raw, sd.drop_rate)  # the saving at the target rate, after warm-up
+            try:
+                size = p["image_size"]
+                device = next(self.raw.parameters()).device
+                report = flop_report(self.raw, torch.zeros(1, 3, size, size, device=device))
+            finally:
+                set_drop_rate(self.raw, now)
+            warm = f", reached after a {sd.warmup_epochs:g}-epoch warm-up" if sd.warmup_epochs else ""
+            lines.append(f"stochastic depth: {len(gates(self.raw))} of {ctrl.count} residual branches "
+                         f"gated ({sd.mode} mode, {sd.schedule} to {sd.drop_rate:g}{warm}, {sd.scaling} "
+                         f"scaling); expected training compute {100 * report.expected_fraction:.1f}% "
+                         f"of the full model (FLOPs at {size} px)")
+        sizes = self.split_sizes
+        lines.append(f"data: {p['dataset']} at {p['image_size']} px: {sizes['train']} train, "
+                     f"{sizes['val']} val, {sizes['test']} test images")
+        n = a.num_processes
+        lines.append(f"running: {n} process{'es' if n > 1 else ''} on {a.device.type}, precision "
+                     f"{a.mixed_precision}, global batch {t.batch_size * n * t.grad_accum} "
+                     f"({t.batch_size} per process x {n} x grad_accum {t.grad_accum}), "
+                     f"{self.steps_per_epoch} steps per epoch x {t.epochs} epochs")
+        lines.append(f"run directory: {self.run_dir.resolve()}")
+        for line in lines:
+            self.console.print(line, markup=False, soft_wrap=True)
+
+    def _mean_loss(self, total: float, count: int) -> float | None:
+        """The mean of a loss summed over ``count`` images on every process (a collective)."""
+        both = torch.tensor([total, float(count)], device=self.accelerator.device, dtype=torch.float64)
+        if self.accelerator.num_processes > 1:
+            both = self.accelerator.reduce(both, reduction="sum")
+        return float(both[0] / both[1]) if both[1] > 0 else None
+
+    def _log_step(self, epoch: int, steps: int, lr: float, window: list, t0: float) -> None:
+        """One line of ``steps.jsonl`` (and, without a terminal, of the console) every
+        ``train.log_every_steps`` optimizer steps: global step, lr, mean loss, drop rate, speed."""
+        from ..gate.surgery import controller
+
+        t = self.recipe.train
+        loss = self._mean_loss(window[0], window[1])
+        images = window[1] * self.accelerator.num_processes
+        now = time.perf_counter()
+        speed = images / max(now - window[2], 1e-9)
+        window[:] = [0.0, 0, now]
+        if not self.main:
+            return
+        step = epoch * self.steps_per_epoch + steps
+        record = {"epoch": epoch + 1, "step": steps, "global_step": step, "lr": lr, "loss": loss,
+                  "images_per_second": speed}
+        if self.recipe.stochastic_depth.enabled:
+            record["drop_rate"] = controller(self.raw).drop_rate
+        rundir.append_metrics(self.run_dir, record, rundir.STEPS)
+        if not self.console.is_terminal and now - self.printed >= _PRINT_EVERY_S:
+            # log files and schedulers get a line instead of a bar (not more often than this)
+            self.printed = now
+            total = t.epochs * self.steps_per_epoch
+            done = step - self.first_step
+            eta = (now - self.started) / max(done, 1) * (total - step)
+            self.console.print(f"epoch {epoch + 1}/{t.epochs} step {steps}/{self.steps_per_epoch}: "
+                               f"loss {loss if loss is not None else float('nan'):.4f} lr {lr:.4g} "
+                               f"{speed:.0f} img/s, ETA {_clock(eta)}", markup=False, soft_wrap=True)
+
+
+class _Checkpointing:
+    """Saving and resuming a run's whole state (code-free files, see :mod:`.resume`)."""
+
+    def _save(self, name: str) -> None:
+        """A checkpoint of everything the loop needs to continue exactly (code-free files)."""
+        from ..gate.surgery import controller
+
+        if not _all_finite(self.raw):
+            raise self._diverged("the weights are no longer finite")
+        states: dict[str, Any] = {"optimizer": self.optimizer.state_dict(),
+                                  "scheduler": self.scheduler.state_dict()}
+        if self.recipe.stochastic_depth.enabled:
+            states["gates"] = controller(self.raw).state_dict()
+        if self.accelerator.scaler is not None:
+            states["scaler"] = self.accelerator.scaler.state_dict()
+        from ..io import checkpoint as ckpt
+
+        meta = {ckpt.META_KEY: json.dumps(ckpt.describe(self.raw, preprocessing=self.preprocessing))}
+        resume_state.write(self.run_dir / resume_state.CHECKPOINTS / name, model=self.raw,
+                           model_metadata=meta, states=states, loop=self.state.state_dict(),
+                           rng=resume_state.capture_rng(), rank=self.accelerator.process_index,
+                           main=self.main, barrier=self.accelerator.wait_for_everyone)
+        if self.main and name != "best":
+            resume_state.prune(self.run_dir, self.recipe.train.keep_checkpoints)
+
+    def _resume(self) -> None:
+        """Continue from the newest checkpoint that reads back whole; older ones are tried when
+        the newest is damaged (saying so)."""
+        from ..io.models import WeightsError, check_keys
+        from ..gate.surgery import controller
+
+        for line in resume_state.tidy(self.run_dir) if self.main else []:
+            self.console.print(f"note: checkpoints: {line}", markup=False, soft_wrap=True)
+        self.accelerator.wait_for_everyone()
+        problems = []
+        for directory in reversed(resume_state.checkpoints(self.run_dir)):
+            try:
+                ck = resume_state.read(directory, self.accelerator.process_index)
+                check_keys(self.raw, ck.model, str(directory / "model.safetensors"))
+                break
+            except (CheckpointError, WeightsError) as e:
+                problems.append(str(e))
+                if self.main:
+                    self.console.print(f"warning: {e}; trying the one before", markup=False, soft_wrap=True)
+        else:
+            raise CheckpointError(f"--resume {self.run_dir}: no checkpoint there can be resumed "
+                                  f"({problems[0] if problems else 'none found'})")
+        try:
+            self.raw.load_state_dict(ck.model, strict=True)
+            self.optimizer.load_state_dict(ck.states["optimizer"])
+            self.scheduler.load_state_dict(ck.states["scheduler"])
+            if self.recipe.stochastic_depth.enabled:
+                controller(self.raw).load_state_dict(ck.states["gates"])
+            if self.accelerator.scaler is not None and "scaler" in ck.states:
+                self.accelerator.scaler.load_state_dict(ck.states["scaler"])
+            self.state.load_state_dict(ck.loop)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{ck.directory} does not fit this run's recipe "
+                                  f"({first_line(e, with_type=True)})") from e
+        if ck.rng is not None:
+            resume_state.restore_rng(ck.rng)
+        if self.main:
+            dropped = rundir.truncate_metrics(self.run_dir, self.state.epoch)
+            rundir.truncate_metrics(self.run_dir, self.state.epoch * self.steps_per_epoch + self.state.step,
+                                    rundir.STEPS, key="global_step")
+            self.console.print(f"resumed from {ck.directory} (epoch {self.state.epoch} done"
+                               + (f", {self.state.step} steps into the next)" if self.state.step else ")")
+                               + (f"; dropped {dropped} metrics lines written after it" if dropped else ""),
+                               markup=False, soft_wrap=True)
+
+    def _diverged(self, what: str, epoch: int | None = None, step: int | None = None) -> DivergenceError:
+        t, o = self.recipe.train, self.recipe.optimizer
+        where = f" at epoch {epoch + 1}, step {step}" if epoch is not None else ""
+        hint = "set train.clip_grad (e.g. 1.0)" if not t.clip_grad else f"lower train.clip_grad (now {t.clip_grad:g})"
+        last = resume_state.checkpoints(self.run_dir)[-1:]
+        kept = (f"the last checkpoint, {last[0].relative_to(self.run_dir)}, is kept (--resume "
+                f"{self.run_dir} continues from it)" if last else "nothing was saved")
+        return DivergenceError(f"training diverged{where}: {what}; {kept}; lower optimizer.lr (now "
+                               f"{o.lr:g}) or {hint}, or let train.skip_nonfinite skip a few bad steps")
+
+
+class _Run(_Checkpointing, _Reporting):
     """One fine-tuning run: built from the recipe, trained, folded, exported."""
 
     def __init__(self, recipe: Recipe, accelerator, run_dir: Path, console):
@@ -343,122 +501,7 @@ class _Run:
                                                test_loader, scheduler)
         self.raw = accelerator.unwrap_model(self.model)
 
-    def _summary(self) -> None:
-        """What a person needs to see when a run starts (main process only)."""
-        from ..flops import flop_report
-        from ..gate.surgery import controller, gates, set_drop_rate
-
-        recipe, t, a = self.recipe, self.recipe.train, self.accelerator
-        m, sd, p = recipe.model, recipe.stochastic_depth, self.preprocessing
-        source = (f"weights {m.weights}" if m.weights else "pretrained weights" if m.pretrained
-                  else "random weights")
-        lines = [f"model: {self.spec}, {source}, {p['num_classes']} classes"]
-        if sd.enabled:
-            ctrl = controller(self.raw)
-            now = ctrl.drop_rate
-            set_drop_rate(self.raw, sd.drop_rate)  # the saving at the target rate, after warm-up
-            try:
-                size = p["image_size"]
-                device = next(self.raw.parameters()).device
-                report = flop_report(self.raw, torch.zeros(1, 3, size, size, device=device))
-            finally:
-                set_drop_rate(self.raw, now)
-            warm = f", reached after a {sd.warmup_epochs:g}-epoch warm-up" if sd.warmup_epochs else ""
-            lines.append(f"stochastic depth: {len(gates(self.raw))} of {ctrl.count} residual branches "
-                         f"gated ({sd.mode} mode, {sd.schedule} to {sd.drop_rate:g}{warm}, {sd.scaling} "
-                         f"scaling); expected training compute {100 * report.expected_fraction:.1f}% "
-                         f"of the full model (FLOPs at {size} px)")
-        sizes = self.split_sizes
-        lines.append(f"data: {p['dataset']} at {p['image_size']} px: {sizes['train']} train, "
-                     f"{sizes['val']} val, {sizes['test']} test images")
-        n = a.num_processes
-        lines.append(f"running: {n} process{'es' if n > 1 else ''} on {a.device.type}, precision "
-                     f"{a.mixed_precision}, global batch {t.batch_size * n * t.grad_accum} "
-                     f"({t.batch_size} per process x {n} x grad_accum {t.grad_accum}), "
-                     f"{self.steps_per_epoch} steps per epoch x {t.epochs} epochs")
-        lines.append(f"run directory: {self.run_dir.resolve()}")
-        for line in lines:
-            self.console.print(line, markup=False, soft_wrap=True)
-
-    # -------------------------------------------------------------------- checkpoints
-    def _save(self, name: str) -> None:
-        """A checkpoint of everything the loop needs to continue exactly (code-free files)."""
-        from ..gate.surgery import controller
-
-        if not _all_finite(self.raw):
-            raise self._diverged("the weights are no longer finite")
-        states: dict[str, Any] = {"optimizer": self.optimizer.state_dict(),
-                                  "scheduler": self.scheduler.state_dict()}
-        if self.recipe.stochastic_depth.enabled:
-            states["gates"] = controller(self.raw).state_dict()
-        if self.accelerator.scaler is not None:
-            states["scaler"] = self.accelerator.scaler.state_dict()
-        from ..io import checkpoint as ckpt
-
-        meta = {ckpt.META_KEY: json.dumps(ckpt.describe(self.raw, preprocessing=self.preprocessing))}
-        resume_state.write(self.run_dir / resume_state.CHECKPOINTS / name, model=self.raw,
-                           model_metadata=meta, states=states, loop=self.state.state_dict(),
-                           rng=resume_state.capture_rng(), rank=self.accelerator.process_index,
-                           main=self.main, barrier=self.accelerator.wait_for_everyone)
-        if self.main and name != "best":
-            resume_state.prune(self.run_dir, self.recipe.train.keep_checkpoints)
-
-    def _resume(self) -> None:
-        """Continue from the newest checkpoint that reads back whole; older ones are tried when
-        the newest is damaged (saying so)."""
-        from ..io.models import WeightsError, check_keys
-        from ..gate.surgery import controller
-
-        for line in resume_state.tidy(self.run_dir) if self.main else []:
-            self.console.print(f"note: checkpoints: {line}", markup=False, soft_wrap=True)
-        self.accelerator.wait_for_everyone()
-        problems = []
-        for directory in reversed(resume_state.checkpoints(self.run_dir)):
-            try:
-                ck = resume_state.read(directory, self.accelerator.process_index)
-                check_keys(self.raw, ck.model, str(directory / "model.safetensors"))
-                break
-            except (CheckpointError, WeightsError) as e:
-                problems.append(str(e))
-                if self.main:
-                    self.console.print(f"warning: {e}; trying the one before", markup=False, soft_wrap=True)
-        else:
-            raise CheckpointError(f"--resume {self.run_dir}: no checkpoint there can be resumed "
-                                  f"({problems[0] if problems else 'none found'})")
-        try:
-            self.raw.load_state_dict(ck.model, strict=True)
-            self.optimizer.load_state_dict(ck.states["optimizer"])
-            self.scheduler.load_state_dict(ck.states["scheduler"])
-            if self.recipe.stochastic_depth.enabled:
-                controller(self.raw).load_state_dict(ck.states["gates"])
-            if self.accelerator.scaler is not None and "scaler" in ck.states:
-                self.accelerator.scaler.load_state_dict(ck.states["scaler"])
-            self.state.load_state_dict(ck.loop)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{ck.directory} does not fit this run's recipe "
-                                  f"({first_line(e, with_type=True)})") from e
-        if ck.rng is not None:
-            resume_state.restore_rng(ck.rng)
-        if self.main:
-            dropped = rundir.truncate_metrics(self.run_dir, self.state.epoch)
-            rundir.truncate_metrics(self.run_dir, self.state.epoch * self.steps_per_epoch + self.state.step,
-                                    rundir.STEPS, key="global_step")
-            self.console.print(f"resumed from {ck.directory} (epoch {self.state.epoch} done"
-                               + (f", {self.state.step} steps into the next)" if self.state.step else ")")
-                               + (f"; dropped {dropped} metrics lines written after it" if dropped else ""),
-                               markup=False, soft_wrap=True)
-
     # ----------------------------------------------------------------------- training
-    def _diverged(self, what: str, epoch: int | None = None, step: int | None = None) -> DivergenceError:
-        t, o = self.recipe.train, self.recipe.optimizer
-        where = f" at epoch {epoch + 1}, step {step}" if epoch is not None else ""
-        hint = "set train.clip_grad (e.g. 1.0)" if not t.clip_grad else f"lower train.clip_grad (now {t.clip_grad:g})"
-        last = resume_state.checkpoints(self.run_dir)[-1:]
-        kept = (f"the last checkpoint, {last[0].relative_to(self.run_dir)}, is kept (--resume "
-                f"{self.run_dir} continues from it)" if last else "nothing was saved")
-        return DivergenceError(f"training diverged{where}: {what}; {kept}; lower optimizer.lr (now "
-                               f"{o.lr:g}) or {hint}, or let train.skip_nonfinite skip a few bad steps")
-
     def _step_is_bad(self, bad_loss: bool, norm: torch.Tensor | None) -> tuple[bool, str]:
         """Whether this optimizer step saw a non-finite loss or gradient on any process."""
         bad_grad = norm is not None and not bool(torch.isfinite(norm))
@@ -469,41 +512,29 @@ class _Run:
                                                                       flags[1])) if f > 0]
         return bool(what), " and ".join(what)
 
-    def _mean_loss(self, total: float, count: int) -> float | None:
-        """The mean of a loss summed over ``count`` images on every process (a collective)."""
-        both = torch.tensor([total, float(count)], device=self.accelerator.device, dtype=torch.float64)
-        if self.accelerator.num_processes > 1:
-            both = self.accelerator.reduce(both, reduction="sum")
-        return float(both[0] / both[1]) if both[1] > 0 else None
-
-    def _log_step(self, epoch: int, steps: int, lr: float, window: list, t0: float) -> None:
-        """One line of ``steps.jsonl`` (and, without a terminal, of the console) every
-        ``train.log_every_steps`` optimizer steps: global step, lr, mean loss, drop rate, speed."""
-        from ..gate.surgery import controller
-
-        t = self.recipe.train
-        loss = self._mean_loss(window[0], window[1])
-        images = window[1] * self.accelerator.num_processes
-        now = time.perf_counter()
-        speed = images / max(now - window[2], 1e-9)
-        window[:] = [0.0, 0, now]
-        if not self.main:
-            return
-        step = epoch * self.steps_per_epoch + steps
-        record = {"epoch": epoch + 1, "step": steps, "global_step": step, "lr": lr, "loss": loss,
-                  "images_per_second": speed}
-        if self.recipe.stochastic_depth.enabled:
-            record["drop_rate"] = controller(self.raw).drop_rate
-        rundir.append_metrics(self.run_dir, record, rundir.STEPS)
-        if not self.console.is_terminal and now - self.printed >= _PRINT_EVERY_S:
-            # log files and schedulers get a line instead of a bar (not more often than this)
-            self.printed = now
-            total = t.epochs * self.steps_per_epoch
-            done = step - self.first_step
-            eta = (now - self.started) / max(done, 1) * (total - step)
-            self.console.print(f"epoch {epoch + 1}/{t.epochs} step {steps}/{self.steps_per_epoch}: "
-                               f"loss {loss if loss is not None else float('nan'):.4f} lr {lr:.4g} "
-                               f"{speed:.0f} img/s, ETA {_clock(eta)}", markup=False, soft_wrap=True)
+    def _optimizer_step(self, bad_loss: bool, epoch: int, steps: int) -> float:
+        """Clip, check and apply the accumulated gradients; returns the step's learning rate.
+        A non-finite loss or gradient norm is skipped (train.skip_nonfinite) or stops the run."""
+        t, accelerator = self.recipe.train, self.accelerator
+        if t.clip_grad:
+            norm = accelerator.clip_grad_norm_(self.model.parameters(), t.clip_grad)
+        else:  # an AMP scaler skips inf gradients itself
+            norm = _grad_norm(self.model) if accelerator.scaler is None else None
+        bad, what = self._step_is_bad(bad_loss, norm)
+        if bad and self.state.skipped >= t.skip_nonfinite:
+            raise self._diverged(what, epoch, steps + 1)
+        lr = self.optimizer.param_groups[0]["lr"]
+        if bad:
+            self.state.skipped += 1
+            if self.main:
+                self.console.print(f"warning: epoch {epoch + 1}, step {steps + 1}: {what}; step "
+                                   f"skipped ({self.state.skipped} of train.skip_nonfinite="
+                                   f"{t.skip_nonfinite})", markup=False, soft_wrap=True)
+        else:
+            self.optimizer.step()
+            if not self.optimizer.step_was_skipped:  # AMP skipped an inf step
+                self.scheduler.step()
+        return lr
 
     def _epoch(self, epoch: int) -> tuple[float | None, int, float]:
         """One epoch of training; returns (mean loss over all processes, images seen, seconds).
@@ -556,25 +587,8 @@ class _Run:
                     value = loss.item()
                     bad_loss = bad_loss or not math.isfinite(value)
                     if accelerator.sync_gradients:
-                        if t.clip_grad:
-                            norm = accelerator.clip_grad_norm_(self.model.parameters(), t.clip_grad)
-                        else:  # an AMP scaler skips inf gradients itself
-                            norm = _grad_norm(self.model) if accelerator.scaler is None else None
-                        bad, what = self._step_is_bad(bad_loss, norm)
+                        lr = self._optimizer_step(bad_loss, epoch, steps)
                         bad_loss = False
-                        if bad and self.state.skipped >= t.skip_nonfinite:
-                            raise self._diverged(what, epoch, steps + 1)
-                        lr = self.optimizer.param_groups[0]["lr"]
-                        if bad:
-                            self.state.skipped += 1
-                            if self.main:
-                                self.console.print(f"warning: epoch {epoch + 1}, step {steps + 1}: "
-                                                   f"{what}; step skipped ({self.state.skipped} of "
-                                                   f"train.skip_nonfinite={t.skip_nonfinite})", markup=False, soft_wrap=True)
-                        else:
-                            self.optimizer.step()
-                            if not self.optimizer.step_was_skipped:  # AMP skipped an inf step
-                                self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                 if math.isfinite(value):
                     loss_sum += value * y.shape[0]
