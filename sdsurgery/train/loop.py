@@ -244,7 +244,7 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
                            f"stochastic depth skips layers, but there every rank must run every "
                            f"layer to gather its parameters")
     # The main process claims (locks) the run directory; the others learn which one it got.
-    lock, suffix = None, torch.tensor([1], device=accelerator.device)
+    lock, suffix, run_dir = None, torch.tensor([1], device=accelerator.device), None
     try:
         if accelerator.is_main_process:
             lock, n = rundir.claim(Path(resume or t.output_dir), resume=bool(resume))
@@ -258,7 +258,7 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
         run_dir = Path(resume) if resume else Path(t.output_dir if n == 1 else f"{t.output_dir}-{n}")
         return _Run(recipe, accelerator, run_dir, console).train(bool(resume))
     except KeyboardInterrupt:
-        last = resume_state.checkpoints(run_dir)[-1:] if "run_dir" in locals() else []
+        last = resume_state.checkpoints(run_dir)[-1:] if run_dir is not None else []
         raise Interrupted(f"interrupted; the last checkpoint is {last[0]} (continue with --resume "
                           f"{run_dir})" if last else "interrupted; no checkpoint was saved") from None
     finally:
