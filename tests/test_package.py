@@ -89,3 +89,17 @@ def test_installing_puts_one_top_level_package_and_its_cli(tmp_path):
     assert top == {"sdsurgery", "sdsurgery_cli"}
     entry = next(n for n in wheel.namelist() if n.endswith("entry_points.txt"))
     assert "sdsurgery = sdsurgery_cli:run" in wheel.read(entry).decode()
+
+
+def test_every_graph_rewrite_is_linted():
+    """Each function that edits an fx graph calls ``lint()`` on it before the graph is used."""
+    editors = {}
+    for m, p in _modules().items():
+        tree = ast.parse(p.read_text())
+        for fn in ast.walk(tree):
+            if isinstance(fn, ast.FunctionDef):
+                src = ast.unparse(fn)
+                if any(op in src for op in (".erase_node(", ".replace_input_with(", ".node_copy(",
+                                            ".inserting_before(", ".inserting_after(")):
+                    editors[f"{m}.{fn.name}"] = ".lint()" in src
+    assert editors and all(editors.values()), [k for k, v in editors.items() if not v]

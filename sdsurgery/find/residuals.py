@@ -366,6 +366,7 @@ def redirect_inplace_adds(graph: fx.Graph) -> None:
         for user in list(mutated.users):
             if user is not node and order[user] > order[node]:
                 user.replace_input_with(mutated, node)
+    graph.lint()
 
 
 def drop_dead_getitems(graph: fx.Graph) -> None:
@@ -377,6 +378,7 @@ def drop_dead_getitems(graph: fx.Graph) -> None:
     for node in reversed(list(graph.nodes)):
         if node.op == "call_function" and node.target is operator.getitem and not node.users:
             graph.erase_node(node)
+    graph.lint()
 
 
 def ancestor_masks(nodes: list[fx.Node], follow=None) -> dict[fx.Node, int]:

@@ -511,6 +511,7 @@ def _rewrite(block: nn.Module, owner: str, residuals: list[Residual],
             graph.erase_node(n)
         out.branches.append((fn_attr, branch_fn))
         out.gate_attrs.append(gate_attr)
+    graph.lint()  # the rewritten graph is well formed before it becomes code
     out.forward = _signature_preserving(_compile(graph, f"forward {owner or '<model>'}"), block,
                                         placeholders)
     return out
@@ -570,6 +571,7 @@ def _cut_branch(graph: fx.Graph, block: nn.Module, add: fx.Node, f: fx.Node, s: 
     for n in branch:
         env[n] = sub.node_copy(n, lambda x: env[x])
     sub.output(env[f])
+    sub.lint()
     return _compile(sub, f"branch {r.name}"), inputs, branch
 
 
