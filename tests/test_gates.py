@@ -203,3 +203,20 @@ def test_not_converted_models_are_refused():
         sdsurgery.gates(CustomNet())
     with pytest.raises(sdsurgery.NotConvertedError):
         sdsurgery.fold(CustomNet())
+
+
+def test_one_decision_function_for_every_gate():
+    from sdsurgery.gate.gates import decide
+    g = torch.Generator().manual_seed(0)
+    assert decide(0.0, "block", "expectation", 4, g, True).keep is None
+    assert decide(0.3, "block", "expectation", 4, g, False) == decide(0.3, "sample", "expectation", 4, g, False)
+    assert decide(0.3, "block", "expectation", 4, g, False).scale == pytest.approx(0.7)
+    assert decide(0.3, "block", "inverted", 4, g, False).scale == 1.0
+    assert decide(0.25, "block", "inverted", 4, g, True).scale == pytest.approx(4 / 3)
+    before = g.get_state()
+    keeps = [decide(0.3, "block", "expectation", 4, g, True).keep for _ in range(4000)]
+    assert all(k in (True, False) for k in keeps) and abs(sum(keeps) / 4000 - 0.7) < 0.03
+    g.set_state(before)  # the same draws as torch.rand((), generator) < p would have made
+    assert keeps[:50] == [not torch.rand((), generator=g).item() < 0.3 for _ in range(50)]
+    sample = decide(0.5, "sample", "expectation", 6, g, True).keep
+    assert sample.dtype == torch.bool and sample.shape == (6,)

@@ -7,6 +7,8 @@ backward.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from typing import Any, Callable
 
 import torch
@@ -16,7 +18,7 @@ from .._compat import remove_forward_hook
 from ..errors import NotConvertedError
 from .schedules import Schedule, check_rate, rescale, spread
 
-__all__ = ["MODES", "SCALINGS", "CONTROLLER_ATTR", "FOLDED_ATTR", "FOLDED_FROM_ATTR",
+__all__ = ["MODES", "SCALINGS", "CONTROLLER_ATTR", "FOLDED_ATTR", "FOLDED_FROM_ATTR", "Decision", "decide",
            "GateController", "StochasticDepthGate", "GateHook", "controller_of", "is_converted",
            "installed_gates", "uninstall"]
 
@@ -25,6 +27,36 @@ SCALINGS = ("expectation", "inverted")
 CONTROLLER_ATTR = "_sdsurgery"
 FOLDED_ATTR = "_sdsurgery_folded"  # set on a folded model (recorded in checkpoints)
 FOLDED_FROM_ATTR = "_sdsurgery_folded_from"  # the controller a folded model was trained with
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a gate does with its branch at one forward.
+
+    ``keep``: None (every branch on: eval, frozen, or p = 0), True / False (block mode: the
+    whole branch), or a bool tensor ``(n,)`` (sample mode: per sample). ``scale``: what a kept
+    branch is multiplied by (``1 - p`` at eval with expectation scaling, ``1 / (1 - p)`` in
+    training with inverted scaling, else 1).
+    """
+
+    keep: "bool | torch.Tensor | None"
+    scale: float
+
+
+def decide(p: float, mode: str, scaling: str, n: int, generator: torch.Generator,
+           training: bool) -> Decision:
+    """The keep/drop decision of a gate, in one place: drop probability ``p``, ``mode``
+    (``"block"``: one draw, ``"sample"``: ``n`` draws), ``scaling`` (``"expectation"`` |
+    ``"inverted"``); draws come from ``generator`` only (never the global RNG)."""
+    if p == 0.0:
+        return Decision(None, 1.0)
+    expectation = scaling == "expectation"
+    if not training:
+        return Decision(None, (1.0 - p) if expectation else 1.0)
+    scale = 1.0 if expectation else 1.0 / (1.0 - p)
+    if mode == "block":
+        return Decision(not torch.rand((), generator=generator).item() < p, scale)
+    return Decision(torch.rand(n, generator=generator) >= p, scale)
 
 
 class GateController:
@@ -146,28 +178,24 @@ class StochasticDepthGate(nn.Module):
                 f"scaling={self.scaling}" + (", masked" if self.masked else "")
                 + (", frozen" if self.frozen else ""))
 
+    def _decide(self, n: int) -> "Decision":
+        return decide(self.drop_prob, self.controller.mode, self.controller.scaling, n,
+                      self.controller.generator, self.training and not self.frozen)
+
     def forward(self, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor | None,
                 *inputs: Any) -> torch.Tensor:
         if shortcut is None:  # a value the block adds in parts (ReXNet's slices): masked
             return self.mask(branch(*inputs))
-        p = self.drop_prob
-        if p == 0.0:
-            return shortcut + branch(*inputs)
-        expectation = self.controller.scaling == "expectation"
-        if not self.training or self.frozen:
-            out = branch(*inputs)
-            return shortcut + out * (1.0 - p) if expectation else shortcut + out
-        scale = 1.0 if expectation else 1.0 / (1.0 - p)
-        gen = self.controller.generator
-        if self.controller.mode == "block":
-            if torch.rand((), generator=gen).item() < p:
-                # A fresh tensor: the next op may be in-place (ReLU(inplace=True)) and the
-                # shortcut may be saved for backward.
-                return shortcut.clone()
-            out = branch(*inputs)
-            return shortcut + (out if scale == 1.0 else out * scale)
         n = shortcut.shape[0]
-        keep = torch.rand(n, generator=gen) >= p
+        d = self._decide(n)
+        if d.keep is None or d.keep is True:
+            out = branch(*inputs)
+            return shortcut + (out if d.scale == 1.0 else out * d.scale)
+        if d.keep is False:
+            # A fresh tensor: the next op may be in-place (ReLU(inplace=True)) and the
+            # shortcut may be saved for backward.
+            return shortcut.clone()
+        keep, scale = d.keep, d.scale
         kept = int(keep.sum())
         if kept == 0:
             return shortcut.clone()
@@ -186,26 +214,18 @@ class StochasticDepthGate(nn.Module):
             out = out * scale
         return shortcut.index_add(0, idx, out.to(shortcut.dtype))
 
-
     def mask(self, out: torch.Tensor) -> torch.Tensor:
         """The branch value ``out``, computed already, as the gate lets it through: zeros when
         dropped (block mode), zeroed on dropped samples (sample mode), scaled as ``forward``
         scales it. For branches gated at a module's output (a hook), where nothing is skipped."""
-        p = self.drop_prob
-        if p == 0.0:
-            return out
-        expectation = self.controller.scaling == "expectation"
-        if not self.training or self.frozen:
-            return out * (1.0 - p) if expectation else out
-        scale = 1.0 if expectation else 1.0 / (1.0 - p)
-        gen = self.controller.generator
-        if self.controller.mode == "block":
-            if torch.rand((), generator=gen).item() < p:
-                return torch.zeros_like(out)
-            return out if scale == 1.0 else out * scale
+        d = self._decide(out.shape[0] if out.dim() else 1)
+        if d.keep is None or d.keep is True:
+            return out if d.scale == 1.0 else out * d.scale
+        if d.keep is False:
+            return torch.zeros_like(out)
         n = out.shape[0]
-        keep = (torch.rand(n, generator=gen) >= p).to(device=out.device, dtype=out.dtype)
-        return out * (keep.view(n, *([1] * (out.dim() - 1))) * scale)
+        keep = d.keep.to(device=out.device, dtype=out.dtype)
+        return out * (keep.view(n, *([1] * (out.dim() - 1))) * d.scale)
 
 
 class GateHook:
