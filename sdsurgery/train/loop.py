@@ -32,10 +32,16 @@ import torch
 import torch.nn as nn
 import yaml
 
+from ..errors import SurgeryError, first_line
+from ..flops import flop_report
+from ..fold import fold
+from ..gate.surgery import controller, convert, gates, set_drop_rate
+from ..io import checkpoint as ckpt
+from ..io.checkpoint import CheckpointError
+from ..io.models import WeightsError, check_keys, create_model, source_of
 from . import resume as resume_state
 from . import rundir
-from ..io.checkpoint import CheckpointError
-from ..errors import SurgeryError, first_line
+from .data import SeededAugmentation, load_datasets, num_classes_of
 from .recipes import Recipe
 
 __all__ = ["TrainResult", "DivergenceError", "Interrupted", "evaluate", "EvalResult",
@@ -165,9 +171,6 @@ def evaluate_checkpoint(target: str | Path, *, dataset: str | None = None, data_
     are returned as notes. Runs through accelerate on ``device`` (default: a GPU when present)."""
     from accelerate import Accelerator
 
-    from ..io import checkpoint as ckpt
-    from .data import load_datasets
-
     path = checkpoint_file(target)
     meta = ckpt.read_metadata(path)
     rec = meta.get("preprocessing")
@@ -271,9 +274,6 @@ class _Reporting:
 
     def _summary(self) -> None:
         """What a person needs to see when a run starts (main process only)."""
-        from ..flops import flop_report
-        from ..gate.surgery import controller, gates, set_drop_rate
-
         recipe, t, a = self.recipe, self.recipe.train, self.accelerator
         m, sd, p = recipe.model, recipe.stochastic_depth, self.preprocessing
         source = (f"weights {m.weights}" if m.weights else "pretrained weights" if m.pretrained
@@ -313,11 +313,9 @@ class _Reporting:
             both = self.accelerator.reduce(both, reduction="sum")
         return float(both[0] / both[1]) if both[1] > 0 else None
 
-    def _log_step(self, epoch: int, steps: int, lr: float, window: list, t0: float) -> None:
+    def _log_step(self, epoch: int, steps: int, lr: float, window: list) -> None:
         """One line of ``steps.jsonl`` (and, without a terminal, of the console) every
         ``train.log_every_steps`` optimizer steps: global step, lr, mean loss, drop rate, speed."""
-        from ..gate.surgery import controller
-
         t = self.recipe.train
         loss = self._mean_loss(window[0], window[1])
         images = window[1] * self.accelerator.num_processes
@@ -348,8 +346,6 @@ class _Checkpointing:
 
     def _save(self, name: str) -> None:
         """A checkpoint of everything the loop needs to continue exactly (code-free files)."""
-        from ..gate.surgery import controller
-
         if not _all_finite(self.raw):
             raise self._diverged("the weights are no longer finite")
         states: dict[str, Any] = {"optimizer": self.optimizer.state_dict(),
@@ -358,8 +354,6 @@ class _Checkpointing:
             states["gates"] = controller(self.raw).state_dict()
         if self.accelerator.scaler is not None:
             states["scaler"] = self.accelerator.scaler.state_dict()
-        from ..io import checkpoint as ckpt
-
         meta = {ckpt.META_KEY: json.dumps(ckpt.describe(self.raw, preprocessing=self.preprocessing))}
         resume_state.write(self.run_dir / resume_state.CHECKPOINTS / name, model=self.raw,
                            model_metadata=meta, states=states, loop=self.state.state_dict(),
@@ -371,9 +365,6 @@ class _Checkpointing:
     def _resume(self) -> None:
         """Continue from the newest checkpoint that reads back whole; older ones are tried when
         the newest is damaged (saying so)."""
-        from ..io.models import WeightsError, check_keys
-        from ..gate.surgery import controller
-
         for line in resume_state.tidy(self.run_dir) if self.main else []:
             self.console.print(f"note: checkpoints: {line}", markup=False, soft_wrap=True)
         self.accelerator.wait_for_everyone()
@@ -435,10 +426,6 @@ class _Run(_Checkpointing, _Reporting):
     # ------------------------------------------------------------------------- set-up
     def _build(self) -> None:
         from accelerate.utils import set_seed
-
-        from .data import SeededAugmentation, load_datasets, num_classes_of
-        from ..io.models import WeightsError, create_model, source_of
-        from ..gate.surgery import convert, set_drop_rate
 
         recipe, t, accelerator = self.recipe, self.recipe.train, self.accelerator
         set_seed(t.seed)
@@ -546,8 +533,6 @@ class _Run(_Checkpointing, _Reporting):
         and steps it ``num_processes`` times)."""
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from ..gate.surgery import controller, set_drop_rate
-
         t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
         loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
         log_every = t.log_every_steps or max(1, self.steps_per_epoch // 10)
@@ -569,18 +554,18 @@ class _Run(_Checkpointing, _Reporting):
                             transient=True)
         with progress:
             task = progress.add_task("train", total=self.steps_per_epoch, completed=steps, info="")
-            gates = controller(self.raw) if sd.enabled else None
+            ctrl = controller(self.raw) if sd.enabled else None
             for micro, (x, y) in enumerate(batches):
-                if gates is not None and sd.warmup_epochs > 0:
+                if ctrl is not None and sd.warmup_epochs > 0:
                     frac = min(1.0, (epoch + steps / self.steps_per_epoch) / sd.warmup_epochs)
                     set_drop_rate(self.raw, sd.drop_rate * frac)
-                if gates is not None and t.grad_accum > 1:
+                if ctrl is not None and t.grad_accum > 1:
                     # One decision per optimizer step, as for one large batch (and as data-
                     # parallel ranks share theirs): every micro-batch replays the same draws.
                     if micro % t.grad_accum == 0:
-                        draws = gates.generator.get_state()
+                        draws = ctrl.generator.get_state()
                     else:
-                        gates.generator.set_state(draws)
+                        ctrl.generator.set_state(draws)
                 with accelerator.accumulate(self.model):
                     loss = loss_fn(self.model(x), y)
                     accelerator.backward(loss)
@@ -601,7 +586,7 @@ class _Run(_Checkpointing, _Reporting):
                         f"loss {loss_sum / seen:.3f} lr {lr:.4g} "
                         f"{seen * accelerator.num_processes / (time.perf_counter() - t0):.0f} img/s"))
                     if steps % log_every == 0 or steps == self.steps_per_epoch:
-                        self._log_step(epoch, steps, lr, window, t0)
+                        self._log_step(epoch, steps, lr, window)
                     if t.checkpoint_every_steps and steps % t.checkpoint_every_steps == 0 \
                             and steps < self.steps_per_epoch:
                         self.state.step = steps
@@ -611,10 +596,6 @@ class _Run(_Checkpointing, _Reporting):
         return self._mean_loss(loss_sum, seen), seen, time.perf_counter() - t0
 
     def train(self, resume: bool) -> TrainResult:
-        from ..io import checkpoint as ckpt
-        from ..fold import fold
-        from ..gate.surgery import controller
-
         t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
         self._build()
         if self.main:

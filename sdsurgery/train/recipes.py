@@ -206,6 +206,7 @@ def _build(cls: type, data: Any, path: str):
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
+    section = path.split(".")[-1] if path else ""
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in names:
@@ -214,15 +215,13 @@ def _build(cls: type, data: Any, path: str):
             raise RecipeError(f"unknown recipe key {where!r}{hint}; valid keys"
                               f"{' in ' + path if path else ''}: {', '.join(names)}")
         tp = hints[key]
-        allowed = _CHOICES.get((path.split(".")[-1] if path else "", key))
+        allowed = _CHOICES.get((section, key))
         if isinstance(value, bool) and allowed and ("no" if value is False else "yes") in allowed:
             value = "no" if value is False else "yes"  # YAML 1.1 reads a bare `no` as false
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value if value is not None else {}, where)
         else:
             kwargs[key] = _check_type(where, value, tp)
-            section = path.split(".")[-1] if path else ""
-            allowed = _CHOICES.get((section, key))
             if allowed and kwargs[key] not in allowed:
                 raise RecipeError(f"{where} must be one of {', '.join(allowed)}, got {kwargs[key]!r}")
             if (section, key) in _RANGES and kwargs[key] is not None:

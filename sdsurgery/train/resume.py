@@ -213,7 +213,7 @@ def write(directory: Path, *, model: torch.nn.Module | None, states: dict[str, A
         barrier()
     except Exception as e:  # disk full, permissions; safetensors raises its own error type
         _remove(tmp)
-        raise CheckpointError(f"cannot write checkpoint {directory}: {_first_line(e)}") from e
+        raise CheckpointError(f"cannot write checkpoint {directory}: {first_line(e, with_type=True)}") from e
     except BaseException:
         _remove(tmp)
         raise
@@ -221,10 +221,6 @@ def write(directory: Path, *, model: torch.nn.Module | None, states: dict[str, A
 
 def _remove(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _first_line(e: BaseException) -> str:
-    return first_line(e, with_type=True)
 
 
 class Checkpoint:
@@ -261,7 +257,7 @@ def read(directory: Path, rank: int) -> Checkpoint:
             raise ValueError("states is not an object")
         states = {k: unflatten(v, tensors) for k, v in head["states"].items()}
     except Exception as e:  # noqa: BLE001 - every way a file can be damaged ends here
-        raise CheckpointError(f"{where} is unreadable ({_first_line(e)})") from e
+        raise CheckpointError(f"{where} is unreadable ({first_line(e, with_type=True)})") from e
     rng = None
     try:
         rng_tensors = load_file(str(directory / f"rng_{rank}.safetensors"))
