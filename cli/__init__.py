@@ -3,6 +3,8 @@ keeps it in cli/). The library never imports this package."""
 import signal
 import sys
 
+__all__ = ["run", "interrupted"]
+
 _interrupted = False
 
 

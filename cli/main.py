@@ -16,6 +16,8 @@ from rich.table import Table
 import sdsurgery
 from sdsurgery_cli import interrupted
 
+__all__ = ["app", "main"]
+
 app = typer.Typer(help="Give residual networks stochastic depth that really skips compute, "
                        "fine-tune them, fold the scaling back into the weights.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,

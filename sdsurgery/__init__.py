@@ -18,7 +18,8 @@ if _sys.argv[:1] == ["-m"] and _os.environ.get("RANK", "0") != "0" and "torch" n
 from .version import __version__
 from .io.checkpoint import CheckpointError, load, read_metadata, save
 from .errors import FoldError, NoResidualsError, NotConvertedError, SurgeryError, TraceError
-from .fold import fold
+from .fold import fold, register_foldable
+from .ops import register_drop_module, register_shortcut_op
 from .io.models import (ModelSourceError, WeightsError, create_model, list_models,
                      register_model)
 from .gate.gates import GateController, StochasticDepthGate, is_converted
@@ -32,4 +33,5 @@ __all__ = [
     "Analysis", "FoldError", "GateController", "NoResidualsError", "NotConvertedError",
     "RejectedAdd", "Residual", "StochasticDepthGate", "SurgeryError", "TraceError", "analyse",
     "controller", "convert", "find_residuals", "fold", "gates", "is_converted", "set_drop_rate",
+    "register_drop_module", "register_foldable", "register_shortcut_op",
 ]

@@ -18,7 +18,7 @@ import copy
 import inspect
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.fx as fx
@@ -26,13 +26,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FoldError
+from .gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, installed_gates
+from .gate.install import uninstall
 from ._compat import BATCH_NORM
 from .ops import describe, get_attr, is_drop_module
 
-__all__ = ["FoldPlan", "fold_plan", "fold"]
+__all__ = ["FoldPlan", "fold_plan", "fold", "register_foldable"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .find.residuals import _Analyser
+    from .find.graph import GraphFacts
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,40 @@ _STANDARD_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, n
                       BATCH_NORM.forward}
 
 
+# Layers registered by users: class -> the names of the parameters whose positive scaling
+# scales the layer's output (or a function of the module returning them).
+_USER_AFFINE: dict[type, "tuple[str, ...] | Callable[[nn.Module], tuple[str, ...]]"] = {}
+
+
+def register_foldable(cls: type | None = None, *, params=("weight", "bias")):
+    """Register a layer class whose output scales with its parameters ``params`` (scaling them
+    all by ``s > 0`` scales its output by ``s``), so a branch ending in it folds: the survival
+    scale goes into those parameters. ``params``: attribute names (those that are None on a
+    module are skipped) or a function ``module -> names``. Use as ``@register_foldable``,
+    ``@register_foldable(params=("gamma",))`` or ``register_foldable(MyNorm, params=...)``."""
+    if not callable(params) and (isinstance(params, str) or not all(isinstance(p, str) for p in params)):
+        raise TypeError(f"params must be attribute names or a function, got {params!r}")
+
+    def register(c: type) -> type:
+        if not (isinstance(c, type) and issubclass(c, nn.Module)):
+            raise TypeError(f"register_foldable takes an nn.Module subclass, got {c!r}")
+        _USER_AFFINE[c] = params if callable(params) else tuple(params)
+        return c
+    return register if cls is None else register(cls)
+
+
+def _user_affine_params(m: nn.Module, name: str) -> tuple[str, ...] | None:
+    spec = next((_USER_AFFINE[c] for c in type(m).__mro__ if c in _USER_AFFINE), None)
+    if spec is None:
+        return None
+    names = spec(m) if callable(spec) else spec
+    found = tuple(f"{name}.{p}" for p in names if isinstance(getattr(m, p, None), torch.Tensor))
+    if not found:
+        raise _Blocked(f"its last layer '{name}' ({type(m).__name__}) has none of its registered "
+                       f"affine parameters ({', '.join(names)})")
+    return found
+
+
 def _commuting_act(m: nn.Module | None) -> bool:
     return m is None or isinstance(m, (nn.Identity, nn.ReLU, nn.LeakyReLU, nn.Dropout)) or is_drop_module(m)
 
@@ -92,6 +128,9 @@ def _module_affine_params(m: nn.Module, name: str) -> tuple[str, ...]:
             out.append(f"{name}.bias")
         return tuple(out)
 
+    user = _user_affine_params(m, name)
+    if user is not None:
+        return user
     cls = type(m).__name__
     if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
         if type(m).forward in _STANDARD_FORWARDS:
@@ -133,14 +172,14 @@ def _sequential_plan(seq: nn.Sequential, name: str) -> tuple[str, tuple[str, ...
     raise _Blocked(f"'{name}' has no affine layer")
 
 
-def _data_input(node: fx.Node, an: "_Analyser") -> fx.Node:
+def _data_input(node: fx.Node, an: "GraphFacts") -> fx.Node:
     ins = [i for i in node.all_input_nodes if an.data[i] and an.kinds[i] == "tensor"]
     if len(ins) != 1:
         raise _Blocked(f"the branch merges {len(ins)} tensors at {node.name}")
     return ins[0]
 
 
-def _param_of(node: fx.Node, an: "_Analyser") -> str | None:
+def _param_of(node: fx.Node, an: "GraphFacts") -> str | None:
     """The parameter a node reads, through reshapes (``gamma.reshape(1, -1, 1, 1)``)."""
     while True:
         if node.op == "get_attr":
@@ -170,7 +209,7 @@ def _module_plan(node: fx.Node, m: nn.Module) -> tuple[str, tuple[str, ...]]:
                        f"sdsurgery (a leaf module with no known affine form)") from None
 
 
-def _walk(start: fx.Node, an: "_Analyser") -> tuple[str, tuple[str, ...]]:
+def _walk(start: fx.Node, an: "GraphFacts") -> tuple[str, tuple[str, ...]]:
 
     cur = start
     for _ in range(256):
@@ -245,7 +284,7 @@ def _walk(start: fx.Node, an: "_Analyser") -> tuple[str, tuple[str, ...]]:
     raise _Blocked("the branch is too long to walk")  # pragma: no cover
 
 
-def fold_plan(an: "_Analyser", branch_out: fx.Node, add: fx.Node) -> FoldPlan:
+def fold_plan(an: "GraphFacts", branch_out: fx.Node, add: fx.Node) -> FoldPlan:
     """Where the survival scale of the branch ending in ``branch_out`` folds (flat graph)."""
     try:
         extra = [u for u in branch_out.users if u is not add]
@@ -258,7 +297,7 @@ def fold_plan(an: "_Analyser", branch_out: fx.Node, add: fx.Node) -> FoldPlan:
     return FoldPlan(target=target, params=params, blocker=None)
 
 
-def _check_private(params: tuple[str, ...], an: "_Analyser") -> None:
+def _check_private(params: tuple[str, ...], an: "GraphFacts") -> None:
     """The parameters must be used once in the whole model (not shared, not tied)."""
     uses = an.param_uses()
     for name in params:
@@ -287,8 +326,6 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
     Raises:
         FoldError: a branch needs a scale and has nowhere to put it (and ``keep_scale`` is off).
     """
-    from .gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, installed_gates, uninstall
-
     gates = installed_gates(model)
     blocked = [g for g in gates if g.needs_scale() and g.fold_blocker]
     if blocked and not keep_scale:

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from ._compat import BATCH_NORM
 
 __all__ = ["ADD_FUNCTIONS", "ADD_METHODS", "is_add_call", "is_inplace_add", "add_operands",
-           "value_kinds", "get_attr", "extra_identity_modules", "is_drop_module", "shortcut_role",
+           "value_kinds", "get_attr", "register_drop_module", "register_shortcut_op", "drop_attr",
+           "drop_module_types", "is_drop_module", "shortcut_role",
            "describe"]
 
 # ----------------------------------------------------------------------------------- adds
@@ -139,31 +140,102 @@ _PROJECTION_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "un
                        "amax", "mean"}  # pooling written as a reduction (Hiera: view(...).amax(1))
 
 
-def extra_identity_modules() -> tuple[type, ...]:
-    """Stochastic-depth modules of timm and torchvision: identities at eval."""
-    types: list[type] = []
+# Existing stochastic-depth modules (identities at eval): class -> the attribute holding their
+# drop probability, which ``convert`` sets to 0 on the branches it gates.
+_DROP_MODULES: dict[type, str] = {}
+# Shortcut ops registered by users: module classes, functions and tensor-method names -> role.
+_USER_MODULE_ROLES: dict[type, str] = {}
+_USER_FUNCTION_ROLES: dict[object, str] = {}
+_USER_METHOD_ROLES: dict[str, str] = {}
+_ROLES = ("identity", "projection", "mixing")
+
+
+def register_drop_module(cls: type | None = None, *, attr: str = "drop_prob"):
+    """Register a stochastic-depth (drop-path) module class, as timm registers its modules: it
+    is an identity at eval, may stand on a shortcut, commutes with the fold's scale, and
+    ``convert`` sets its ``attr`` to 0 on the branches it gates (else the branch is dropped
+    twice). Use as ``@register_drop_module`` or ``register_drop_module(MyDropPath, attr="p")``.
+    """
+    def register(c: type) -> type:
+        if not (isinstance(c, type) and issubclass(c, nn.Module)):
+            raise TypeError(f"register_drop_module takes an nn.Module subclass, got {c!r}")
+        _DROP_MODULES[c] = attr
+        return c
+    return register if cls is None else register(cls)
+
+
+def register_shortcut_op(op=None, *, role: str = "projection"):
+    """Let ``op`` stand on a residual's shortcut: an ``nn.Module`` class, a function, or the name
+    of a tensor method. ``role``: ``"identity"`` (the value passes unchanged at eval),
+    ``"projection"`` (a cheap transform: norm, pooling, reshape) or ``"mixing"`` (a conv or
+    linear map; at most one per shortcut). Use as a decorator (``@register_shortcut_op`` or
+    ``@register_shortcut_op(role="identity")``) or call it."""
+    if role not in _ROLES:
+        raise ValueError(f"role must be one of {', '.join(_ROLES)}, got {role!r}")
+
+    def register(o):
+        if isinstance(o, str):
+            _USER_METHOD_ROLES[o] = role
+        elif isinstance(o, type):
+            if not issubclass(o, nn.Module):
+                raise TypeError(f"register_shortcut_op takes an nn.Module subclass, a function or a "
+                                f"method name, got {o!r}")
+            _USER_MODULE_ROLES[o] = role
+        elif callable(o):
+            _USER_FUNCTION_ROLES[o] = role
+        else:
+            raise TypeError(f"register_shortcut_op takes an nn.Module subclass, a function or a "
+                            f"method name, got {o!r}")
+        return o
+    return register if op is None else register(op)
+
+
+def drop_attr(m: nn.Module) -> str | None:
+    """The attribute holding the drop probability of a registered drop-path module, or None."""
+    for cls in type(m).__mro__:
+        if cls in _DROP_MODULES:
+            return _DROP_MODULES[cls]
+    return None
+
+
+def drop_module_types() -> tuple[type, ...]:
+    """The registered drop-path module classes (leaves of every trace)."""
+    return tuple(_DROP_MODULES)
+
+
+def is_drop_module(m: nn.Module) -> bool:
+    """timm ``DropPath``, torchvision ``StochasticDepth``, or a class given to
+    :func:`register_drop_module`."""
+    return drop_attr(m) is not None
+
+
+def _register_library_drop_modules() -> None:
     try:
         from timm.layers import DropPath
-        types.append(DropPath)
+        register_drop_module(DropPath, attr="drop_prob")
     except Exception:  # pragma: no cover - timm is a dependency, but keep the core importable
         pass
     try:
         from torchvision.ops import StochasticDepth
-        types.append(StochasticDepth)
+        register_drop_module(StochasticDepth, attr="p")
     except Exception:  # pragma: no cover
         pass
-    return tuple(types)
 
 
-_DROP_MODULES = extra_identity_modules()
+_register_library_drop_modules()
 
 
-def is_drop_module(m: nn.Module) -> bool:
-    """timm ``DropPath`` or torchvision ``StochasticDepth``."""
-    return isinstance(m, _DROP_MODULES)
+def _user_role(m: nn.Module) -> str | None:
+    for cls in type(m).__mro__:
+        if cls in _USER_MODULE_ROLES:
+            return _USER_MODULE_ROLES[cls]
+    return None
 
 
 def _module_role(m: nn.Module) -> str | None:
+    user = _user_role(m)
+    if user is not None:
+        return user
     if isinstance(m, _IDENTITY_MODULES) or is_drop_module(m):
         return "identity"
     if type(m) is nn.Sequential or isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
@@ -199,6 +271,8 @@ def shortcut_role(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     if node.op == "call_module":
         return _module_role(modules[node.target])
     if node.op == "call_function":
+        if node.target in _USER_FUNCTION_ROLES:
+            return _USER_FUNCTION_ROLES[node.target]
         if node.target in _IDENTITY_FUNCTIONS:
             return "identity"
         if node.target in ADD_FUNCTIONS and len(node.args) == 2 and sum(
@@ -212,6 +286,8 @@ def shortcut_role(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
             return "projection"  # zero channel padding, checked by the caller's data-input rule
         return None
     if node.op == "call_method":
+        if node.target in _USER_METHOD_ROLES:
+            return _USER_METHOD_ROLES[node.target]
         if node.target in _IDENTITY_METHODS:
             return "identity"
         if node.target in _PROJECTION_METHODS:

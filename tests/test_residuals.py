@@ -115,7 +115,7 @@ def test_non_residual_adds_are_left_alone():
     analysis = sdsurgery.analyse(_NotResiduals())
     assert [r.name for r in analysis.residuals] == ["real"]
     reasons = " | ".join(r.reason for r in analysis.rejected)
-    assert len(analysis.rejected) == 3, reasons  # pos-embed, rotary, two branches
+    assert [r.code for r in analysis.rejected] == ["pos-embedding", "rotary", "sum-of-branches"], reasons
     assert "share no input" in reasons
     model = sdsurgery.convert(_NotResiduals())
     assert [g.name for g in sdsurgery.gates(model)] == ["real"]
@@ -146,7 +146,7 @@ def test_an_untraceable_module_is_left_as_a_leaf_and_named():
     an = sdsurgery.analyse(_HasUntraceable())
     assert [r.name for r in an.residuals] == ["block"]
     odd, = [x for x in an.rejected if x.node == "leaf odd"]
-    assert "'odd' (_Untraceable) were not searched" in odd.reason
+    assert "'odd' (_Untraceable) were not searched" in odd.reason and odd.code == "not-traced"
     assert "control flow" in odd.reason and "pass example=" in odd.reason
     with pytest.warns(UserWarning, match="module 'odd' left as it is: .*not searched"):
         converted = sdsurgery.convert(_HasUntraceable())
@@ -418,22 +418,22 @@ class _Blocks(nn.Module):
         return self.blocks(x)
 
 
-@pytest.mark.parametrize("model, inp, expected, reason", [
-    (_ConvPosEncBlock(), (1, 8, 4, 4), 3, "conv position encoding"),
-    (_DepthwiseSums(), (1, 8, 4, 4), 1, "sum of depthwise linear maps"),
-    (_RepBranches(), (1, 8, 4, 4), 1, "multi-branch conv"),
-    (_SplitSum(), (1, 8, 4, 4), 0, "split-and-sum"),
-    (_SizedPosEmbed(), (1, 5, 8), 0, "share no input"),
-    (_MaskedBlocks(), (1, 5, 8), 2, "inside a larger computation"),
-    (_GRN(), (2, 8), 1, "a normalisation"),
-    (_MobileOne(), (1, 8, 4, 4), 0, "e.g. MobileOne"),
-    (_Blocks(), (2, 8), 2, "nested inside the branch of the residual in 'blocks.0'"),
+@pytest.mark.parametrize("model, inp, expected, code, reason", [
+    (_ConvPosEncBlock(), (1, 8, 4, 4), 3, "cpe", "conv position encoding"),
+    (_DepthwiseSums(), (1, 8, 4, 4), 1, "reparam-dw-sum", "sum of depthwise linear maps"),
+    (_RepBranches(), (1, 8, 4, 4), 1, "reparam-conv", "multi-branch conv"),
+    (_SplitSum(), (1, 8, 4, 4), 0, "split-and-sum", "split-and-sum"),
+    (_SizedPosEmbed(), (1, 5, 8), 0, "pos-embedding", "share no input"),
+    (_MaskedBlocks(), (1, 5, 8), 2, "inner-add", "inside a larger computation"),
+    (_GRN(), (2, 8), 1, "elementwise-norm", "a normalisation"),
+    (_MobileOne(), (1, 8, 4, 4), 0, "reparam-conv", "e.g. MobileOne"),
+    (_Blocks(), (2, 8), 2, "nested", "nested inside the branch of the residual in 'blocks.0'"),
 ])
-def test_residual_shaped_adds_that_are_not_blocks(model, inp, expected, reason):
+def test_residual_shaped_adds_that_are_not_blocks(model, inp, expected, code, reason):
     model.eval()
     an = sdsurgery.analyse(model)
     assert len(an.residuals) == expected, an.residuals
-    assert any(reason in r.reason for r in an.rejected), an.rejected
+    assert any(r.code == code and reason in r.reason for r in an.rejected), an.rejected
     if expected:  # the blocks that are found still gate and fold
         x = torch.randn(*inp)
         conv = sdsurgery.convert(model, drop_rate=0.5, seed=0).eval()

@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .._compat import without_fx_patches
 from ..errors import TraceError, first_line
-from ..ops import extra_identity_modules
+from ..ops import drop_module_types
 
 __all__ = ["LeafSpec", "ModuleCall", "FlatTrace", "resolve_leaves", "traceable",
            "notrace_module_types", "trace_model", "trace_with_example", "split_call",
@@ -303,7 +303,7 @@ def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),
     With ``examples`` (tensor arguments by name), see :func:`trace_with_example`."""
     timm_leaves, timm_fns = _timm_notrace()
     user_types, user_ids = resolve_leaves(model, leaf_modules)
-    leaf_types = tuple(dict.fromkeys(timm_leaves + extra_identity_modules() + user_types))
+    leaf_types = tuple(dict.fromkeys(timm_leaves + drop_module_types() + user_types))
     if examples is None:
         tracer = _SurgeryTracer(leaf_types, user_ids, timm_fns)
     else:

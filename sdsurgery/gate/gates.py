@@ -14,13 +14,12 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .._compat import remove_forward_hook
 from ..errors import NotConvertedError
 from .schedules import Schedule, check_rate, rescale, spread
 
 __all__ = ["MODES", "SCALINGS", "CONTROLLER_ATTR", "FOLDED_ATTR", "FOLDED_FROM_ATTR", "Decision", "decide",
-           "GateController", "StochasticDepthGate", "GateHook", "controller_of", "is_converted",
-           "installed_gates", "uninstall"]
+           "GateController", "GateSpec", "StochasticDepthGate", "GateHook", "controller_of",
+           "is_converted", "installed_gates"]
 
 MODES = ("block", "sample")
 SCALINGS = ("expectation", "inverted")
@@ -116,6 +115,39 @@ class GateController:
                 f"seed={self.seed})")
 
 
+@dataclass(frozen=True)
+class GateSpec:
+    """What a gate knows about its residual connection: the :class:`~sdsurgery.Residual`'s
+    name, depth index, shortcut kind and fold plan, and how the branch was cut out of its block.
+
+    Attributes:
+        batched: per branch input, whether it has the batch dimension (sample mode gathers those).
+        sample_fallback: sample mode runs the branch on every sample and masks (its inputs
+            include sizes read from the full batch).
+        masked: why the branch is masked rather than skipped (its block computes it anyway),
+            or None: a dropped branch is not computed.
+    """
+
+    name: str
+    index: int
+    shortcut: str
+    fold_target: str | None
+    fold_params: tuple[str, ...]
+    fold_blocker: str | None
+    drop_modules: tuple[str, ...] = ()
+    batched: tuple[bool, ...] = ()
+    sample_fallback: bool = True
+    masked: str | None = None
+
+    @classmethod
+    def of(cls, residual: Any, **cut: Any) -> "GateSpec":
+        """The spec of a :class:`~sdsurgery.Residual`, with ``cut`` (batched, sample_fallback,
+        masked) from the rewrite."""
+        return cls(name=residual.name, index=residual.index, shortcut=residual.shortcut,
+                   fold_target=residual.fold_target, fold_params=residual.fold_params,
+                   fold_blocker=residual.fold_blocker, drop_modules=residual.drop_modules, **cut)
+
+
 class StochasticDepthGate(nn.Module):
     """Replaces ``shortcut + branch`` of one residual connection.
 
@@ -135,27 +167,25 @@ class StochasticDepthGate(nn.Module):
     Shapes: ``shortcut`` and the branch output have the same shape ``(N, ...)``, batch first.
     """
 
-    def __init__(self, *, name: str, index: int, drop_prob: float, controller: GateController,
-                 shortcut: str, fold_target: str | None, fold_params: tuple[str, ...],
-                 fold_blocker: str | None, batched: tuple[bool, ...], sample_fallback: bool,
-                 drop_modules: tuple[str, ...] = (), masked: str | None = None):
+    def __init__(self, spec: GateSpec, *, drop_prob: float, controller: GateController):
         super().__init__()
-        self.name = name
-        self.index = index
+        self.spec = spec
         self.drop_prob = float(drop_prob)
         self.controller = controller
-        self.shortcut = shortcut
-        self.fold_target = fold_target
-        self.fold_params = fold_params
-        self.fold_blocker = fold_blocker
-        self.batched = batched
-        self.sample_fallback = sample_fallback
-        self.drop_modules = drop_modules
-        # Why the branch is masked (its block computes it anyway, so a drop saves no compute),
-        # or None: a dropped branch is not computed.
-        self.masked = masked
         self.frozen = False  # set by fold(keep_scale=True): always on, eval behaviour
         self.hook_bypass = False  # see GateHook
+
+    # What the gate knows about its residual, read-only (see GateSpec).
+    name = property(lambda self: self.spec.name)
+    index = property(lambda self: self.spec.index)
+    shortcut = property(lambda self: self.spec.shortcut)
+    fold_target = property(lambda self: self.spec.fold_target)
+    fold_params = property(lambda self: self.spec.fold_params)
+    fold_blocker = property(lambda self: self.spec.fold_blocker)
+    drop_modules = property(lambda self: self.spec.drop_modules)
+    batched = property(lambda self: self.spec.batched)
+    sample_fallback = property(lambda self: self.spec.sample_fallback)
+    masked = property(lambda self: self.spec.masked)
 
     @property
     def survival_prob(self) -> float:
@@ -260,55 +290,3 @@ def installed_gates(model: nn.Module) -> list[StochasticDepthGate]:
     controller_of(model)
     found = [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
     return sorted(found, key=lambda g: g.index)
-
-
-def uninstall(model: nn.Module, keep: set[str] = frozenset()) -> None:
-    """Remove gates and rewritten forwards, restore neutralised drop modules.
-
-    Blocks holding a gate named in ``keep`` keep their rewritten forward; their other gates
-    become plain adds and the kept ones are frozen at their eval behaviour.
-    """
-    ctrl = controller_of(model)
-    hooks, unhooked = [], set()
-    for module_name, key, gate_name in ctrl.hooks:
-        if gate_name in keep:
-            hooks.append((module_name, key, gate_name))
-        else:
-            remove_forward_hook(model.get_submodule(module_name), key)
-            unhooked.add(gate_name)
-    ctrl.hooks = hooks
-    remaining: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
-    for owner_name, gate_attrs, branch_attrs in ctrl.installs:
-        owner = model.get_submodule(owner_name)
-        gates = [getattr(owner, a) for a in gate_attrs]
-        if any(g.name in keep for g in gates):
-            kept_attrs = []
-            for a, g in zip(gate_attrs, gates):
-                if g.name in unhooked and "forward" not in owner.__dict__:
-                    # a gate that only acted through its removed hook does nothing: remove it
-                    delattr(owner, a)
-                    continue
-                if g.name in keep:
-                    g.frozen = True
-                else:
-                    g.drop_prob = 0.0
-                kept_attrs.append(a)
-            remaining.append((owner_name, tuple(kept_attrs), branch_attrs))
-            continue
-        owner.__dict__.pop("forward", None)
-        for a in branch_attrs:
-            owner.__dict__.pop(a, None)
-        for a in gate_attrs:
-            delattr(owner, a)
-    for module_name, attr, value in ctrl.neutralised:
-        setattr(model.get_submodule(module_name), attr, value)
-    if remaining:
-        ctrl.installs = remaining
-        ctrl.gates = [g for g in ctrl.gates if _attached(model, g)]
-        ctrl.neutralised = []
-    else:
-        del model.__dict__[CONTROLLER_ATTR]
-
-
-def _attached(model: nn.Module, gate: StochasticDepthGate) -> bool:
-    return any(m is gate for m in model.modules())

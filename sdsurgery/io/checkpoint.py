@@ -22,7 +22,12 @@ import torch
 import torch.nn as nn
 
 from ..errors import SurgeryError, first_line
-from ..gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR
+from ..gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, MODES, SCALINGS
+from ..gate.schedules import SCHEDULES
+from ..gate.surgery import convert
+from ..version import __version__
+from .models import (SOURCE_ATTR, ModelSource, WeightsError, call_factory, check_keys, create_model,
+                     source_of, split_spec)
 
 __all__ = ["FORMAT", "META_KEY", "CheckpointError", "describe", "save", "read_metadata",
            "SAFE_SOURCES", "Factory", "build", "load"]
@@ -41,9 +46,6 @@ def describe(model: nn.Module, spec: str | None = None,
 
     ``preprocessing`` (``sdsurgery.train.data.Preprocessing.to_dict()``: dataset, class count, image
     size, mean/std, interpolation, crop) is what the model was trained on: ``eval`` uses it."""
-    from ..version import __version__
-    from .models import source_of
-
     src = source_of(model)
     if spec is None and src is None:
         raise CheckpointError(f"{type(model).__name__} has no recorded source (it was not built "
@@ -205,9 +207,6 @@ def _strings(value: Any, where: str) -> list[str] | str | None:
 
 def _validated(meta: Any) -> dict[str, Any]:
     """``meta`` checked against the metadata ``describe`` writes: types, choices and bounds."""
-    from ..gate.gates import MODES, SCALINGS
-    from ..gate.schedules import SCHEDULES
-
     if not isinstance(meta, dict):
         raise _Invalid(f"it must be a JSON object, got {type(meta).__name__}")
     fmt = _typed(meta, "format", int, "", 0)
@@ -306,8 +305,6 @@ def build(meta: dict[str, Any], path: str | Path, *, factory: Factory | None = N
     caller passes ``factory`` (a ``'pkg.module:fn'`` / ``'file.py:fn'`` spec or a callable) or
     ``trust_code=True`` (then a ``module:factory`` spec in the file is imported and called).
     """
-    from .models import SOURCE_ATTR, ModelSource, call_factory, create_model, split_spec
-
     path = Path(path)
     m = meta["model"]
     kwargs = dict(m.get("kwargs") or {})
@@ -360,9 +357,6 @@ def load(path: str | Path, *, factory: Factory | None = None, trust_code: bool =
     >>> mine = sdsurgery.load("mine.safetensors", factory=my_models.build)  # doctest: +SKIP
     """
     from safetensors.torch import load_model
-
-    from .models import WeightsError, check_keys
-    from ..gate.surgery import convert
 
     path = Path(path)
     meta = read_metadata(path)

@@ -28,6 +28,7 @@ import torch.nn as nn
 from . import registry
 from ..errors import SurgeryError, first_line
 from .registry import register_model  # noqa: F401  (re-exported: sdsurgery.register_model)
+from ..zoo import cifar_resnet  # noqa: F401  (registers the paper's ResNets)
 
 __all__ = ["SOURCE_ATTR", "ModelSourceError", "WeightsError", "ModelSource", "register_model", "list_models",
            "source_of", "create_model", "split_spec", "reset_classifier", "call_factory",
@@ -328,5 +329,3 @@ def check_keys(model: nn.Module, state: dict[str, torch.Tensor], what: str) -> N
                          f"model {tuple(expected[k].shape)})")
         raise WeightsError(f"{what} does not fit {type(model).__name__}: keys " + "; ".join(parts))
 
-
-from ..zoo import cifar_resnet  # noqa: E402,F401  (registers the paper's ResNets)

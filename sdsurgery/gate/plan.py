@@ -1,0 +1,161 @@
+"""Planning a conversion: for each block that owns gated residuals, how it will be gated.
+
+Each owner gets a :class:`Program`: its rewritten forward and branch functions (from
+:mod:`.rewrite`, shared by blocks of one structure) and its gates; or, when its forward cannot
+be rewritten (it branches on input sizes, or cannot be traced alone), gates hooked on the
+output of the branches' tail modules, which mask a computed branch instead of skipping it.
+Nothing is installed here: :func:`prepare` touches no module, so a failure leaves the model as
+it was.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch.nn as nn
+
+from .._compat import children_of
+from ..find.residuals import Analysis, Residual
+from ..find.tracing import FlatTrace, split_call, trace_block_on_example
+from .gates import GateController, GateSpec, StochasticDepthGate
+from .rewrite import (Rewrite, Skip, Untraceable, guarded_forward, reads_training, rewrite_block,
+                      short_error, structure_key)
+
+__all__ = ["Program", "prepare"]
+
+
+@dataclass
+class Program:
+    """The rewritten forward of one owner module (or, with ``forward`` None, gates hooked on
+    the output of the modules named in ``hooks``, one per gate)."""
+
+    owner: str
+    forward: Callable | None
+    branches: list[tuple[str, Callable]] = field(default_factory=list)
+    gates: list[tuple[str, StochasticDepthGate]] = field(default_factory=list)
+    hooks: list[str] = field(default_factory=list)
+
+
+def _gate(r: Residual, probs: list[float], ctrl: GateController, **cut: Any) -> StochasticDepthGate:
+    return StochasticDepthGate(GateSpec.of(r, **cut), drop_prob=probs[r.index], controller=ctrl)
+
+
+def _program_of(owner: str, rewrite: Rewrite, residuals: list[Residual], probs: list[float],
+                ctrl: GateController, **extra: Any) -> Program:
+    """The program of a rewritten owner: its forward, branch functions and gates."""
+    return Program(owner=owner, forward=extra.pop("forward", rewrite.forward),
+                   branches=[(c.fn_attr, c.fn) for c in rewrite.cuts],
+                   gates=[(c.gate_attr, _gate(r, probs, ctrl, batched=c.batched,
+                                              sample_fallback=c.sample_fallback, masked=c.masked))
+                          for c, r in zip(rewrite.cuts, residuals)], **extra)
+
+
+def prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], probs: list[float],
+             ctrl: GateController) -> tuple[list[Program], list[tuple[str, str]]]:
+    ft = analysis.trace
+    by_owner: dict[str, list[Residual]] = {}
+    for r in chosen:
+        by_owner.setdefault(r.owner, []).append(r)
+    programs, skipped = [], []
+    cache: dict[Any, Rewrite] = {}
+    for owner, rs in by_owner.items():
+        untraceable = None
+        if any(r.specialised for r in rs):
+            untraceable = "its block's forward depends on input sizes (traced on an example)"
+        while rs and untraceable is None:
+            try:
+                programs.append(_program(target, owner, rs, probs, ctrl, ft,
+                                         analysis.add_counts.get(owner, 0), cache))
+                break
+            except Untraceable as e:
+                untraceable = str(e)
+            except Skip as e:
+                if e.residual is None or len(rs) == 1:
+                    skipped.extend((r.name, f"block '{owner}' not rewritten: {e}") for r in rs)
+                    break
+                # gate the block's other residuals without the one that cannot be cut out
+                skipped.append((e.residual, f"residual left ungated in block '{owner}': {e}"))
+                rs = [r for r in rs if r.name != e.residual]
+        if untraceable is not None:
+            # its forward branches on sizes: rewritten for the example's sizes (other sizes
+            # fall back to hooks), or else hooks only
+            try:
+                programs.append(_guarded_program(target, owner, rs, probs, ctrl, analysis))
+            except Skip as e:
+                hooked, why = _hook_program(target, owner, rs, probs, ctrl, f"{untraceable}; {e}")
+                programs.extend(hooked)
+                skipped.extend(why)
+    return programs, skipped
+
+
+def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
+             ctrl: GateController, ft: FlatTrace, add_count: int,
+             cache: dict[Any, Rewrite]) -> Program:
+    block = target.get_submodule(owner)
+    if "forward" in block.__dict__:
+        raise Skip(f"'{owner}' already has a patched forward")
+    concrete: dict[str, Any] | None = None
+    if owner:
+        calls = ft.calls.get(owner, [])
+        if len(calls) != 1:
+            raise Skip(f"'{owner}' is called {len(calls)} times in one forward pass (shared "
+                        f"weights); sdsurgery gates blocks called once")
+        concrete = calls[0].concrete_args(block)
+        if concrete is None:
+            raise Skip(f"cannot map the call of '{owner}' onto its forward signature")
+    specs = tuple((r.add_position, r.branch_operand) for r in residuals)
+    key = structure_key(block, concrete, specs, add_count)
+    rewrite = cache.get(key) if key is not None else None
+    if rewrite is None:
+        rewrite = rewrite_block(block, owner, residuals, concrete, ft, add_count)
+        if key is not None:
+            cache[key] = rewrite
+    return _program_of(owner, rewrite, residuals, probs, ctrl)
+
+
+def _guarded_program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
+                     ctrl: GateController, analysis: Analysis) -> Program:
+    """A block whose forward branches on sizes, rewritten from a trace of its example call that
+    keeps the batch size free. The new forward runs when the call has the example's other sizes
+    and non-tensor arguments; any other call runs the block's own forward with the gates hooked
+    on the branches' tail modules (masking, as for :func:`_hook_program`)."""
+    if any(r.tail is None for r in residuals):
+        raise Skip("not every branch ends in a module output a gate could take over")
+    root = analysis.trace.root
+    call = analysis.examples.of(root.get_submodule(owner)) if analysis.examples is not None else None
+    if call is None:
+        raise Skip("no example call of it was recorded")
+    block = target.get_submodule(owner)
+    if "forward" in block.__dict__ or reads_training(block):
+        raise Skip("its forward is patched or reads self.training")
+    try:
+        concrete, tensors = split_call(block, *call)
+        graph = trace_block_on_example(block, concrete, tensors, analysis.trace.autowrap_functions)
+    except Exception as e:
+        raise Skip(f"not traceable on its example call either: {type(e).__name__}: "
+                    f"{short_error(e)}") from None
+    rewrite = rewrite_block(block, owner, residuals, None, analysis.trace,
+                            analysis.add_counts.get(owner, 0), graph=graph)
+    sizes = {name: tuple(t.shape[1:]) for name, t in tensors.items()}
+    forward = guarded_forward(rewrite.forward, block, sizes, concrete,
+                              tuple(c.gate_attr for c in rewrite.cuts))
+    return _program_of(owner, rewrite, residuals, probs, ctrl, forward=forward,
+                       hooks=[r.tail for r in residuals])
+
+
+def _hook_program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
+                  ctrl: GateController, why: str) -> tuple[list[Program], list[tuple[str, str]]]:
+    """Gate the residuals of a block that cannot be rewritten at their tail modules (a
+    drop-path slot): the branch is computed and its value masked, as timm's DropPath does."""
+    block = target.get_submodule(owner)
+    prog = Program(owner=owner, forward=None)
+    skipped = []
+    for r in residuals:
+        attr = f"sd_gate_{len(prog.gates)}"
+        if r.tail is None or attr in children_of(block) or attr in block.__dict__:
+            skipped.append((r.name, f"block '{owner}' not rewritten: {why}; its branch does not "
+                                    f"end in a module output that a gate could take over"))
+            continue
+        prog.gates.append((attr, _gate(r, probs, ctrl, masked=f"{why}: gated at the output of '{r.tail}'")))
+        prog.hooks.append(r.tail)
+    return ([prog] if prog.gates else []), skipped
