@@ -518,3 +518,20 @@ def test_timm_leaves_that_branch_on_sizes_are_traced_on_an_example():
         ref = conv.eval()(x)
         out = sdsurgery.fold(conv)(x)
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("name, kwargs, residuals, codes", [
+    ("eva02_tiny_patch14_224", dict(img_size=56), 24, {"pos-embedding", "rotary"}),
+    ("twins_pcpvt_small", dict(depths=(1, 1, 1, 1)), 8, {"cpe"}),
+    ("res2net50_14w_8s", {}, 16, {"split-and-sum"}),
+    ("convnextv2_atto", {}, 12, {"elementwise-norm"}),
+    ("mobileone_s0", {}, 18, {"reparam-conv"}),
+    ("fastvit_t8", {}, 10, {"reparam-conv", "reparam-dw-sum"}),
+])
+def test_timm_adds_that_are_not_blocks_carry_their_codes(name, kwargs, residuals, codes):
+    """Models written by others: each pattern the rules name is recognised where timm has it
+    (rotary in EVA-02, CPE in Twins, split-and-sum in Res2Net, GRN in ConvNeXt-V2,
+    re-parameterisable branches in MobileOne / FastViT), and no other code appears."""
+    an = sdsurgery.analyse(timm.create_model(name, pretrained=False, **kwargs).eval())
+    assert len(an.residuals) == residuals
+    assert {r.code for r in an.rejected} == codes, [(r.code, r.reason) for r in an.rejected][:5]

@@ -51,7 +51,9 @@ def _program_of(owner: str, rewrite: Rewrite, residuals: list[Residual], probs: 
 
 
 def prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], probs: list[float],
-             ctrl: GateController) -> tuple[list[Program], list[tuple[str, str]]]:
+            ctrl: GateController) -> tuple[list[Program], list[tuple[str, str]]]:
+    """A program for each block owning residuals in ``chosen``, and the (name, why) of the
+    residuals that cannot be gated. Touches nothing in ``target``."""
     ft = analysis.trace
     by_owner: dict[str, list[Residual]] = {}
     for r in chosen:

@@ -41,6 +41,7 @@ from ..io.checkpoint import CheckpointError
 from ..io.models import WeightsError, check_keys, create_model, source_of
 from . import resume as resume_state
 from . import rundir
+from .callbacks import stochastic_depth_callbacks
 from .data import SeededAugmentation, load_datasets, num_classes_of
 from .recipes import Recipe
 
@@ -415,15 +416,9 @@ class _Checkpointing:
                                f"{o.lr:g}) or {hint}, or let train.skip_nonfinite skip a few bad steps")
 
 
-class _Run(_Checkpointing, _Reporting):
-    """One fine-tuning run: built from the recipe, trained, folded, exported."""
+class _Setup:
+    """Building a run from its recipe: model, conversion, data, loaders, optimizer."""
 
-    def __init__(self, recipe: Recipe, accelerator, run_dir: Path, console):
-        self.recipe, self.accelerator, self.run_dir, self.console = recipe, accelerator, run_dir, console
-        self.main = accelerator.is_main_process
-        self.state = _EpochState()
-
-    # ------------------------------------------------------------------------- set-up
     def _build(self) -> None:
         from accelerate.utils import set_seed
 
@@ -442,6 +437,24 @@ class _Run(_Checkpointing, _Reporting):
             what = str(e).split("; use ")[0]  # the reason, without the convert/inspect options
             raise WeightsError(f"{what}; train from random weights with --set model.pretrained=false, "
                                f"or give a local file with --set model.weights=FILE") from e
+        splits = self._datasets(model)
+        self._build_loaders(self._gated(model), splits)
+
+    def _gated(self, model: nn.Module) -> nn.Module:
+        """``model`` converted as the recipe says (at drop rate 0 when it warms up)."""
+        sd, t = self.recipe.stochastic_depth, self.recipe.train
+        if sd.enabled:
+            start_rate = 0.0 if sd.warmup_epochs > 0 else sd.drop_rate
+            model = convert(model, drop_rate=start_rate, schedule=sd.schedule, mode=sd.mode,
+                            scaling=sd.scaling, include=sd.include, exclude=sd.exclude, seed=t.seed,
+                            inplace=True)
+            if sd.warmup_epochs > 0:
+                set_drop_rate(model, 0.0)
+        return model
+
+    def _datasets(self, model: nn.Module):
+        """The recipe's splits, normalised as the recipe (or the model's pretrained cfg) says."""
+        d, t = self.recipe.data, self.recipe.train
         mean, std = d.mean, d.std
         if d.normalize == "model" and mean is None:
             cfg = getattr(model, "pretrained_cfg", None) or {}
@@ -453,14 +466,12 @@ class _Run(_Checkpointing, _Reporting):
         self.spec = source_of(model).spec
         self.has_val = splits.val is not None
         self.preprocessing = splits.preprocessing.to_dict()
-        sd = recipe.stochastic_depth
-        if sd.enabled:
-            start_rate = 0.0 if sd.warmup_epochs > 0 else sd.drop_rate
-            model = convert(model, drop_rate=start_rate, schedule=sd.schedule, mode=sd.mode,
-                            scaling=sd.scaling, include=sd.include, exclude=sd.exclude, seed=t.seed,
-                            inplace=True)
-            if sd.warmup_epochs > 0:
-                set_drop_rate(model, 0.0)
+        return splits
+
+    def _build_loaders(self, model: nn.Module, splits) -> None:
+        """Loaders, optimizer and schedule for ``model``, all through accelerate."""
+        recipe, t, accelerator = self.recipe, self.recipe.train, self.accelerator
+        d = recipe.data
         # On a GPU, loading runs beside the compute; on the CPU, workers would take cores from it
         # (the demo on 2 cores: 57 s with one worker, 43 s without).
         gpu = accelerator.device.type == "cuda"
@@ -487,6 +498,15 @@ class _Run(_Checkpointing, _Reporting):
          self.scheduler) = accelerator.prepare(model, optimizer, train_loader, eval_loader,
                                                test_loader, scheduler)
         self.raw = accelerator.unwrap_model(self.model)
+
+
+class _Run(_Setup, _Checkpointing, _Reporting):
+    """One fine-tuning run: built from the recipe, trained, folded, exported."""
+
+    def __init__(self, recipe: Recipe, accelerator, run_dir: Path, console):
+        self.recipe, self.accelerator, self.run_dir, self.console = recipe, accelerator, run_dir, console
+        self.main = accelerator.is_main_process
+        self.state = _EpochState()
 
     # ----------------------------------------------------------------------- training
     def _step_is_bad(self, bad_loss: bool, norm: torch.Tensor | None) -> tuple[bool, str]:
@@ -554,18 +574,10 @@ class _Run(_Checkpointing, _Reporting):
                             transient=True)
         with progress:
             task = progress.add_task("train", total=self.steps_per_epoch, completed=steps, info="")
-            ctrl = controller(self.raw) if sd.enabled else None
+            callbacks = stochastic_depth_callbacks(self.recipe, self.raw, self.steps_per_epoch)
             for micro, (x, y) in enumerate(batches):
-                if ctrl is not None and sd.warmup_epochs > 0:
-                    frac = min(1.0, (epoch + steps / self.steps_per_epoch) / sd.warmup_epochs)
-                    set_drop_rate(self.raw, sd.drop_rate * frac)
-                if ctrl is not None and t.grad_accum > 1:
-                    # One decision per optimizer step, as for one large batch (and as data-
-                    # parallel ranks share theirs): every micro-batch replays the same draws.
-                    if micro % t.grad_accum == 0:
-                        draws = ctrl.generator.get_state()
-                    else:
-                        ctrl.generator.set_state(draws)
+                for cb in callbacks:
+                    cb.before_batch(epoch, steps, micro)
                 with accelerator.accumulate(self.model):
                     loss = loss_fn(self.model(x), y)
                     accelerator.backward(loss)
@@ -634,8 +646,11 @@ class _Run(_Checkpointing, _Reporting):
                 self._save(f"epoch_{epoch + 1}")
             if improved and t.checkpoint_every:
                 self._save("best")
-        train_seconds = time.perf_counter() - start
+        return self._finish(time.perf_counter() - start)
 
+    def _finish(self, train_seconds: float) -> TrainResult:
+        """Evaluate the gated model, fold it, evaluate and export the folded one."""
+        t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
         gated = evaluate(self.model, self.test_loader, accelerator)
         model_path = self.run_dir / "model.safetensors"
         final = fold(self.raw) if sd.enabled else self.raw
