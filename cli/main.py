@@ -290,7 +290,7 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
         plain, drop_rate=drop_rate, schedule=schedule, mode=mode, seed=0, leaf_modules=leaf,
         example=example)
     report = _report(converted, image_size or _default_image_size(converted))
-    report["rejected"] = [{"owner": r.owner, "reason": r.reason} for r in analysis.rejected]
+    report["rejected"] = [{"owner": r.owner, "code": r.code, "reason": r.reason} for r in analysis.rejected]
     report["model"] = target
     report["converted"] = net is not None
     report["preprocessing"] = meta.get("preprocessing") if target.endswith(".safetensors") else None
@@ -305,7 +305,8 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
                       f"{pre['image_size']} px, {pre.get('interpolation', 'bilinear')} resize{crop}, "
                       f"mean {pre['mean']}, std {pre['std']} (eval uses this)", markup=False)
     for r in report["rejected"]:
-        console.print(f"not a residual: add in '{r['owner'] or '<model>'}': {r['reason']}", markup=False)
+        console.print(f"not a residual ({r['code']}): add in '{r['owner'] or '<model>'}': {r['reason']}",
+                      markup=False)
 
 
 @app.command()

@@ -49,7 +49,7 @@ def test_resnet152_convert_inspect_fold_offline(tmp_path):
 def test_inspect_lists_adds_that_are_not_residuals_and_reads_checkpoints(tmp_path):
     r = run("inspect", "timm:vit_tiny_patch16_224", "--arg", "img_size=32", "--image-size", "32")
     assert r.exit_code == 0, r.output
-    assert "blocks.11.mlp" in r.output and "not a residual: add in '<model>'" in r.output
+    assert "blocks.11.mlp" in r.output and "not a residual (pos-embedding): add in '<model>'" in r.output
     path = tmp_path / "c.safetensors"
     assert run("convert", "timm:resnet18", "--no-pretrained", "--image-size", "32", "--drop-rate",
                "0.2", "--schedule", "uniform", "-o", path).exit_code == 0
