@@ -18,7 +18,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._compat import BATCH_NORM
+from ._compat import BATCH_NORM, children_of, parameters_of
 
 __all__ = ["ADD_FUNCTIONS", "ADD_METHODS", "is_add_call", "is_inplace_add", "add_operands",
            "value_kinds", "get_attr", "register_drop_module", "register_shortcut_op", "drop_attr",
@@ -190,17 +190,33 @@ def register_shortcut_op(op=None, *, role: str = "projection"):
     return register if op is None else register(op)
 
 
+# Drop-path modules of other libraries are recognised by name and shape: a class named like
+# one (HF transformers' ConvNextDropPath, Dinov2DropPath, BeitDropPath...), without parameters or
+# children, holding its probability in one of these attributes.
+_DROP_NAMES = ("DropPath", "StochasticDepth")
+_DROP_ATTRS = ("drop_prob", "p", "drop_rate", "drop_path", "drop_path_rate", "rate")
+
+
 def drop_attr(m: nn.Module) -> str | None:
-    """The attribute holding the drop probability of a registered drop-path module, or None."""
+    """The attribute holding the drop probability of a drop-path module (registered with
+    :func:`register_drop_module`, or recognised by name, see ``_DROP_NAMES``), or None."""
     for cls in type(m).__mro__:
         if cls in _DROP_MODULES:
             return _DROP_MODULES[cls]
+    if type(m).__name__.endswith(_DROP_NAMES) and not children_of(m) and not parameters_of(m):
+        for attr in _DROP_ATTRS:
+            value = getattr(m, attr, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) or \
+                    value is None and attr in vars(m):
+                return attr
     return None
 
 
-def drop_module_types() -> tuple[type, ...]:
-    """The registered drop-path module classes (leaves of every trace)."""
-    return tuple(_DROP_MODULES)
+def drop_module_types(model: nn.Module | None = None) -> tuple[type, ...]:
+    """The drop-path module classes that are leaves of every trace: the registered ones, and
+    those recognised by name in ``model``."""
+    found = {type(m) for m in model.modules() if is_drop_module(m)} if model is not None else set()
+    return tuple(dict.fromkeys(list(_DROP_MODULES) + sorted(found, key=lambda c: c.__qualname__)))
 
 
 def is_drop_module(m: nn.Module) -> bool:

@@ -52,7 +52,7 @@ class ProjBlock(nn.Module):
         return self.short(x) + self.norm(torch.relu(self.fc(x)))
 
 
-class MyDropPath(nn.Module):
+class RandomSkip(nn.Module):
     def __init__(self, rate):
         super().__init__()
         self.rate = rate
@@ -68,7 +68,7 @@ class DropBlock(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(8, 8)
-        self.drop = MyDropPath(0.3)
+        self.drop = RandomSkip(0.3)
 
     def forward(self, x):
         return x + self.drop(self.fc(x))
@@ -130,7 +130,7 @@ def test_a_registered_drop_module_is_neutralised(restore_registries):
     m = DropBlock()
     r, = sdsurgery.find_residuals(m)
     assert r.drop_modules == ()
-    sdsurgery.register_drop_module(MyDropPath, attr="rate")
+    sdsurgery.register_drop_module(RandomSkip, attr="rate")
     r, = sdsurgery.find_residuals(m)
     assert r.drop_modules == ("drop",) and r.fold_target == "fc"
     conv = sdsurgery.convert(m, drop_rate=0.5)
@@ -160,3 +160,44 @@ def test_a_user_rule_rejects_with_its_code(restore_registries):
     assert [(r.code, r.reason) for r in an.rejected] == [("no-b", "b is not a block here")]
     with pytest.raises(ValueError, match="taken by the structural checks"):
         rules.rule("shortcut-op")
+
+
+class LibraryDropPath(nn.Module):
+    """A drop-path module as other libraries write them (HF transformers' ConvNextDropPath):
+    a plain function call fx would trace through (in eval it vanishes from the graph)."""
+
+    def __init__(self, drop_prob=None):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob is None or self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = (torch.rand(x.shape[0], 1) >= self.drop_prob).to(x.dtype)
+        return x * keep / (1 - self.drop_prob)
+
+
+def test_drop_path_modules_of_other_libraries_are_recognised_by_name():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 8)
+            self.dp1, self.dp2 = LibraryDropPath(0.2), LibraryDropPath(None)
+
+        def forward(self, x):
+            x = x + self.dp1(self.fc1(x))
+            return x + self.dp2(self.fc2(x))
+
+    assert ops.drop_attr(LibraryDropPath(0.1)) == "drop_prob" and ops.drop_attr(RandomSkip(0.1)) is None
+    rs = sdsurgery.find_residuals(Net())
+    assert [r.drop_modules for r in rs] == [("dp1",), ("dp2",)]
+    conv = sdsurgery.convert(Net(), drop_rate=0.5)
+    assert conv.dp1.drop_prob == 0.0 and conv.dp2.drop_prob is None  # nothing drops twice
+    calls = []
+    conv.fc1.register_forward_hook(lambda *a: calls.append(1))
+    conv.train()
+    for _ in range(40):
+        conv(torch.randn(2, 8))
+    assert 0 < len(calls) < 40  # the gate drops fc1's branch; it is skipped, not computed
+    plain = sdsurgery.fold(conv)
+    assert plain.dp1.drop_prob == 0.2  # restored

@@ -66,6 +66,9 @@ class Residual:
             drop-path slot), or None; a gate can hook it when the owner cannot be rewritten.
         specialised: found in a trace specialised to an example's sizes (the owner's forward
             branches on them), so the owner is gated through ``tail``, never rewritten.
+        outside: modules of the branch that the owner's caller runs, not the owner (BERT's
+            ``BertOutput`` adds ``dense(h)`` to its input, ``h`` computed by ``BertLayer``):
+            a gate in the owner cannot skip them.
     """
 
     name: str
@@ -83,6 +86,7 @@ class Residual:
     branch_operand: int = field(repr=False, default=1)
     tail: str | None = field(repr=False, default=None)
     specialised: bool = field(repr=False, default=False)
+    outside: tuple[str, ...] = field(repr=False, default=())
 
     def __repr__(self) -> str:  # one line, readable in a list
         fold = self.fold_target if self.fold_target else f"<not foldable: {self.fold_blocker}>"
@@ -184,7 +188,9 @@ def _residuals(facts: GraphFacts, found: list[Candidate],
             params=c.params, fold_target=plan.target, fold_params=plan.params,
             fold_blocker=plan.blocker,
             drop_modules=tuple(m for m in branch_modules if is_drop_module(facts.modules[m])),
-            add_position=position, branch_operand=c.branch_operand, tail=_tail(c.value, facts.ft)))
+            add_position=position, branch_operand=c.branch_operand, tail=_tail(c.value, facts.ft),
+            outside=tuple(m for m in branch_modules
+                          if c.owner and m != c.owner and not m.startswith(c.owner + "."))))
     return out
 
 

@@ -9,7 +9,9 @@ through its children; what stays unsearched is said in ``Analysis.rejected`` (co
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
+from typing import Any, Union
 
 import torch
 import torch.nn as nn
@@ -20,22 +22,27 @@ from .classify import Analysis, RejectedAdd, Residual, classify, require_residua
 from .tracing import (FlatTrace, LeafSpec, notrace_module_types, resolve_leaves, trace_model,
                       trace_with_example, traceable)
 
-__all__ = ["Residual", "RejectedAdd", "Analysis", "find_residuals", "analyse", "select",
+__all__ = ["Residual", "RejectedAdd", "Analysis", "Example", "find_residuals", "analyse", "select",
            "require_residuals"]
 
 _MAX_AUTO_LEAVES = 64
+# An example input: the first input as a tensor, positional inputs, or keyword inputs by name.
+Example = Union[torch.Tensor, tuple, list, dict]
 
 
 def find_residuals(model: nn.Module, *, leaf_modules: LeafSpec = (),
-                   example: torch.Tensor | None = None) -> list[Residual]:
+                   example: "Example | None" = None) -> list[Residual]:
     """The residual connections of ``model``, in depth order.
 
     Args:
         model: any ``nn.Module`` torch.fx can trace (timm, torchvision, custom).
         leaf_modules: module classes, qualified names or module objects fx must not trace into.
-        example: an input for ``model``, used only to trace modules whose forward branches on
-            tensor sizes (timm's TinyViT blocks), specialised to its sizes; by default a random
-            batch of the model's ``pretrained_cfg["input_size"]``.
+        example: an input for ``model``: a tensor (the first input), a tuple of positional
+            inputs, or a dict of keyword inputs (``{"pixel_values": x}``, ``{"input_ids": ids,
+            "attention_mask": m}`` for transformers models). Used only to trace modules whose
+            forward branches on tensor sizes (timm's TinyViT blocks, transformers' encoders),
+            specialised to its sizes; by default a random batch of the model's
+            ``pretrained_cfg["input_size"]``.
 
     Raises:
         TraceError: fx cannot trace the model; the message names the module and how to mark it
@@ -45,7 +52,7 @@ def find_residuals(model: nn.Module, *, leaf_modules: LeafSpec = (),
 
 
 def analyse(model: nn.Module, *, leaf_modules: LeafSpec = (),
-            example: torch.Tensor | None = None) -> Analysis:
+            example: "Example | None" = None) -> Analysis:
     """Trace ``model`` and classify every tensor add (see the module docstring and
     :func:`find_residuals`)."""
     if is_converted(model):
@@ -61,7 +68,10 @@ class _Examples:
     """How modules are called on an example input, recorded in one eval forward pass of the
     model the first time it is asked (only modules that fx cannot trace need it)."""
 
-    def __init__(self, root: nn.Module, example: torch.Tensor | None):
+    def __init__(self, root: nn.Module, example: Example | None):
+        if example is not None and not isinstance(example, (torch.Tensor, tuple, list, dict)):
+            raise TypeError(f"example must be a tensor (the first input), a tuple of positional "
+                            f"inputs or a dict of keyword inputs, got {type(example).__name__}")
         self.root, self.example = root, example
         self.calls: dict[int, tuple[tuple, dict]] = {}
         self.wanted: set[int] = set()
@@ -77,6 +87,10 @@ class _Examples:
             self.wanted |= {id(m) for m in module.modules()}
             self._record()
         return self.calls.get(id(module))
+
+    def input_names(self, module: nn.Module) -> set[str]:
+        """The keyword inputs the example gives ``module`` (the root only)."""
+        return set(self.example) if module is self.root and isinstance(self.example, dict) else set()
 
     def _record(self) -> None:
         self.calls = {}
@@ -97,7 +111,12 @@ class _Examples:
                    for m in self.root.modules() if id(m) in wanted]
         try:
             with torch.no_grad(), traceable(self.root):
-                self.root(x)
+                if isinstance(x, dict):
+                    self.root(**x)
+                elif isinstance(x, (tuple, list)):
+                    self.root(*x)
+                else:
+                    self.root(x)
         except Exception as e:
             self.calls.clear()
             self.error = f"the example input failed: {type(e).__name__}: {str(e)[:120]}"
@@ -187,6 +206,7 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
             fold_params=tuple(prefix + p for p in r.fold_params),
             drop_modules=tuple(prefix + m for m in r.drop_modules),
             tail=prefix + r.tail if r.tail else None,
+            outside=tuple(prefix + m for m in r.outside),
             specialised=r.specialised or fixed)))
     analysis.rejected.extend(replace(x, owner=prefix + x.owner if x.owner else path)
                              for x in sub.rejected)
@@ -203,6 +223,18 @@ def _size_free(ft: FlatTrace, owner: str) -> bool:
     calls = ft.calls.get(owner, [])
     concrete = calls[0].concrete_args(ft.modules[owner]) if len(calls) == 1 else None
     return concrete is not None and all(v is None or isinstance(v, (bool, str)) for v in concrete.values())
+
+
+def _optional_defaults(module: nn.Module, inputs: set[str]) -> dict[str, Any]:
+    """The forward's parameters with defaults, at their defaults, but for the first one and
+    those named in ``inputs`` (the example's keyword inputs)."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params[1:]
+            if p.default is not p.empty and p.name not in inputs
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _analyse_with(module: nn.Module, leaf_modules: LeafSpec, concrete: dict | None,
@@ -223,6 +255,13 @@ def _analyse_with(module: nn.Module, leaf_modules: LeafSpec, concrete: dict | No
                 ft = trace_with_example(module, leaves + auto, *example_call)
             break
         except TraceError as e:
+            if not e.module and concrete is None and example_call is None:
+                # The forward's own code fails on its optional arguments as placeholders
+                # (transformers: `labels`, `return_dict`...): specialise them to their defaults.
+                concrete = _optional_defaults(module, examples.input_names(module))
+                if concrete:
+                    continue
+                concrete = None
             failed = module.get_submodule(e.module) if e.module else None
             if failed is None or any(failed is m for m in auto) or len(auto) >= _MAX_AUTO_LEAVES:
                 raise

@@ -60,7 +60,9 @@ class ModuleCall:
         concrete: dict[str, Any] = {}
         for name, param in sig.parameters.items():
             if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                return None
+                if bound.arguments[name]:  # extra arguments fx cannot pass to a placeholder
+                    return None
+                continue  # none given (**kwargs of a HF layer called without extras)
             value = bound.arguments[name]
             if not _contains_proxy(value):
                 concrete[name] = value
@@ -77,7 +79,57 @@ def _contains_proxy(value: Any) -> bool:
     return False
 
 
-class _SurgeryTracer(fx.Tracer):
+def explicit_signature(fn: Callable) -> Callable:
+    """``fn`` itself, or, for a forward taking ``**kwargs`` or decorated (``functools.wraps``
+    around ``(self, *args, **kwargs)``, as transformers 5 writes them), a function with the
+    (wrapped) forward's named parameters that calls ``fn``: fx makes one placeholder per
+    parameter instead of a ``*args`` / ``**kwargs`` proxy that the code would unpack. Extra
+    keyword arguments are not passed on: a trace has none."""
+    code = getattr(fn, "__code__", None)
+    if code is None or not code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS) or \
+            code.co_flags & inspect.CO_VARARGS and getattr(fn, "__wrapped__", None) is None:
+        return fn
+    try:
+        params = list(inspect.signature(fn).parameters.values())  # follows __wrapped__
+    except (TypeError, ValueError):
+        return fn
+    if any(p.kind is p.VAR_POSITIONAL for p in params) or not params:
+        return fn
+    namespace: dict[str, Any] = {"_sd_fn": fn}
+    decl, call, star = [], [], False
+    for p in params:
+        default = ""
+        if p.default is not p.empty:
+            namespace[f"_sd_default_{p.name}"] = p.default
+            default = f"=_sd_default_{p.name}"
+        if p.kind is p.VAR_KEYWORD:  # a placeholder fx cannot unpack: the trace passes none
+            decl.append(f"**{p.name}")
+        elif p.kind is p.KEYWORD_ONLY:
+            if not star:
+                decl.append("*")
+                star = True
+            decl.append(p.name + default)
+            call.append(f"{p.name}={p.name}")
+        else:
+            decl.append(p.name + default)
+            # self and positional-only ones by position, the rest by name (a decorator may
+            # fill some in by name itself, as transformers' do)
+            call.append(p.name if p.kind is p.POSITIONAL_ONLY or not call else f"{p.name}={p.name}")
+    src = f"def forward({', '.join(decl)}):\n    return _sd_fn({', '.join(call)})\n"
+    exec(compile(src, f"<sdsurgery signature of {getattr(fn, '__qualname__', 'forward')}>", "exec"), namespace)
+    shim = namespace["forward"]
+    shim.__qualname__ = getattr(fn, "__qualname__", "forward")
+    return shim
+
+
+class _ExplicitRoot:
+    """Traces a decorated root forward through :func:`explicit_signature`."""
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        return super().create_args_for_root(explicit_signature(root_fn), is_module, concrete_args)
+
+
+class _SurgeryTracer(_ExplicitRoot, fx.Tracer):
     """fx tracer with timm/torchvision leaves, buffers kept as attributes, call recording."""
 
     def __init__(self, leaf_types: tuple[type, ...], leaf_ids: set[int],
@@ -217,7 +269,7 @@ class _ShapeTracer(_RunsExamples, _SurgeryTracer):
         self.examples = examples
 
 
-class _BlockTracer(fx.Tracer):
+class _BlockTracer(_ExplicitRoot, fx.Tracer):
     """Traces one module's own forward: every child module is a leaf."""
 
     def __init__(self, autowrap_functions: tuple[Callable, ...]):
@@ -303,7 +355,7 @@ def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),
     With ``examples`` (tensor arguments by name), see :func:`trace_with_example`."""
     timm_leaves, timm_fns = _timm_notrace()
     user_types, user_ids = resolve_leaves(model, leaf_modules)
-    leaf_types = tuple(dict.fromkeys(timm_leaves + drop_module_types() + user_types))
+    leaf_types = tuple(dict.fromkeys(timm_leaves + drop_module_types(model) + user_types))
     if examples is None:
         tracer = _SurgeryTracer(leaf_types, user_ids, timm_fns)
     else:

@@ -37,6 +37,11 @@ class Program:
 
 
 def _gate(r: Residual, probs: list[float], ctrl: GateController, **cut: Any) -> StochasticDepthGate:
+    if r.outside and not cut.get("masked"):
+        # Honest about what a drop saves: the caller computes part of the branch anyway.
+        more = f" and {len(r.outside) - 1} more" if len(r.outside) > 1 else ""
+        cut["masked"] = (f"part of its branch ('{r.outside[0]}'{more}) is computed by the module "
+                         f"that calls '{r.owner}', outside it: a drop skips only the part inside")
     return StochasticDepthGate(GateSpec.of(r, **cut), drop_prob=probs[r.index], controller=ctrl)
 
 

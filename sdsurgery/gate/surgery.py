@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import NoResidualsError
-from ..find.residuals import Analysis, Residual, analyse, require_residuals, select
+from ..find.residuals import Analysis, Example, Residual, analyse, require_residuals, select
 from ..find.tracing import LeafSpec
 from .gates import MODES, SCALINGS, GateController, StochasticDepthGate, controller_of, installed_gates
 from .install import install
@@ -35,7 +35,7 @@ log = logging.getLogger("sdsurgery")
 def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "linear",
             mode: str = "block", scaling: str = "expectation", gate_projection: bool = True,
             include: Sequence[str] | str | None = None, exclude: Sequence[str] | str | None = None,
-            seed: int | None = None, leaf_modules: LeafSpec = (), example: torch.Tensor | None = None,
+            seed: int | None = None, leaf_modules: LeafSpec = (), example: "Example | None" = None,
             inplace: bool = False) -> nn.Module:
     """Give ``model`` stochastic depth: gate every residual branch.
 
@@ -56,8 +56,9 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
         include, exclude: glob patterns over residual names (see :func:`find_residuals`).
         seed: seed of the gates' own generator (defaults to ``torch.initial_seed()``-derived).
         leaf_modules: module classes / qualified names fx must not trace into.
-        example: an input for ``model``, only to trace modules whose forward branches on sizes
-            (see :func:`find_residuals`).
+        example: an input for ``model`` (a tensor, a tuple of inputs, or a dict of keyword
+            inputs), only to trace modules whose forward branches on sizes (see
+            :func:`find_residuals`).
         inplace: convert ``model`` itself instead of a deep copy.
 
     Returns:

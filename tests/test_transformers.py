@@ -1,0 +1,133 @@
+"""HF transformers models, used the HF way: the model object itself, keyword example inputs.
+
+Tiny random configs. For each: every residual found (2 per layer, 1 per ResNet/ConvNeXt
+block), the class and ``ModelOutput`` kept, state_dict keys unchanged, no gate masked, dropped
+branches not computed (counted module calls against the gates' own decisions), fold exact,
+and ``save_pretrained`` / ``from_pretrained`` of the folded model round-trip.
+"""
+import collections
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sdsurgery
+
+T = pytest.importorskip("transformers")  # a test dependency (pyproject [test]); HF users: [hf]
+
+
+def _x():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _ids():
+    return torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+_VIT = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32)
+CASES = {
+    "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(**_VIT, num_labels=3)), "pixel_values", 4),
+    "beit": (lambda: T.BeitForImageClassification(T.BeitConfig(**_VIT, num_labels=3, drop_path_rate=0.1,
+                                                               layer_scale_init_value=0.1)), "pixel_values", 4),
+    "dinov2": (lambda: T.Dinov2Model(T.Dinov2Config(**{k: v for k, v in _VIT.items() if k != "intermediate_size"},
+                                                     drop_path_rate=0.1)), "pixel_values", 4),
+    "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+        hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, drop_path_rate=0.2, num_labels=3)), "pixel_values", 3),
+    "convnextv2": (lambda: T.ConvNextV2ForImageClassification(T.ConvNextV2Config(
+        hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, drop_path_rate=0.2, num_labels=3)), "pixel_values", 3),
+    "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
+        embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], num_labels=3)), "pixel_values", 3),
+}
+
+
+def _example(key):
+    return {key: _x() if key == "pixel_values" else _ids()}
+
+
+def _module_calls(model: nn.Module, example: dict, steps: int) -> collections.Counter:
+    """Calls of every conv / linear module over ``steps`` train forwards."""
+    counts = collections.Counter()
+    handles = [mod.register_forward_hook(lambda m, a, o, name=name: counts.update([name]))
+               for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+    model.train()
+    for _ in range(steps):
+        model(**example)
+    for h in handles:
+        h.remove()
+    return counts
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_transformers_models_convert_skip_and_fold(name, tmp_path):
+    make, key, expected = CASES[name]
+    model = make().eval()
+    example = _example(key)
+    with torch.no_grad():
+        ref = model(**example)
+    keys = list(model.state_dict())
+    residuals = sdsurgery.find_residuals(model, example=example)
+    assert len(residuals) == expected, residuals
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing left ungated or masked
+        conv = sdsurgery.convert(model, drop_rate=0.5, schedule="uniform", example=example, seed=0)
+    gates = sdsurgery.gates(conv)
+    assert type(conv) is type(model) and len(gates) == expected and not any(g.masked for g in gates)
+    assert list(conv.state_dict()) == keys
+    with torch.no_grad():  # at drop rate 0 the converted model is the original
+        sdsurgery.set_drop_rate(conv, 0.0)
+        torch.testing.assert_close(conv.eval()(**example)[0], ref[0], rtol=1e-5, atol=1e-6)
+        sdsurgery.set_drop_rate(conv, 0.5)
+    # Skipping, counted: every conv / linear of a branch runs exactly when its gate keeps it.
+    ctrl = sdsurgery.controller(conv)
+    state = ctrl.generator.get_state()
+    counts = _module_calls(conv, example, steps=8)
+    ctrl.generator.set_state(state)
+    kept = collections.Counter()
+    for _ in range(8):
+        for g in gates:  # block mode: one draw per gate per forward, in call order
+            if not torch.rand((), generator=ctrl.generator).item() < g.drop_prob:
+                kept[g.name] += 1
+    assert 0 < sum(kept.values()) < 8 * len(gates)
+    checked = 0
+    for r in residuals:
+        for m in r.modules:
+            if isinstance(conv.get_submodule(m), (nn.Linear, nn.Conv2d)):
+                assert counts[m] == kept[r.name], (r.name, m, counts[m], kept[r.name])
+                checked += 1
+    assert checked >= len(residuals)
+    # eval: the converted model's output type; fold exact; save_pretrained round-trip
+    conv.eval()
+    with torch.no_grad():
+        out = conv(**example)
+        assert type(out) is type(ref)
+        folded = sdsurgery.fold(conv)
+        torch.testing.assert_close(folded(**example)[0], out[0], rtol=1e-5, atol=1e-6)
+    assert type(folded) is type(model) and not sdsurgery.is_converted(folded)
+    folded.save_pretrained(tmp_path)
+    again = type(model).from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(**example)[0], folded(**example)[0])
+
+
+def test_bert_post_norm_branches_computed_by_the_caller_are_marked_masked():
+    """BertOutput adds ``dense(h)`` to its input inside the child, ``h = intermediate(x)``
+    computed by BertLayer: a gate in BertOutput cannot skip the intermediate layer. Until the
+    owner is lifted to BertLayer, the gate says so (masked, with the reason) instead of
+    claiming a saving; the parts inside are still skipped and everything folds."""
+    model = T.BertForSequenceClassification(T.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16, num_labels=3)).eval()
+    example = _example("input_ids")
+    residuals = sdsurgery.find_residuals(model, example=example)
+    assert len(residuals) == 4
+    outside = {r.name: r.outside for r in residuals}
+    assert outside["bert.encoder.layer.0.output"] == ("bert.encoder.layer.0.intermediate.dense",)
+    with pytest.warns(UserWarning, match="gated by masking"):
+        conv = sdsurgery.convert(model, drop_rate=0.5, example=example, seed=0)
+    masked = {g.name: g.masked for g in sdsurgery.gates(conv)}
+    assert "computed by the module that calls 'bert.encoder.layer.0.output'" in masked["bert.encoder.layer.0.output"]
+    conv.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sdsurgery.fold(conv)(**example)[0], conv(**example)[0], rtol=1e-5, atol=1e-6)
