@@ -23,12 +23,14 @@ class SurgeryError(Exception):
 class TraceError(SurgeryError):
     """torch.fx could not trace the model (or a block of it).
 
-    ``module`` is the qualified name of the module whose forward failed ('' for the root).
+    ``module`` is the qualified name of the module whose forward failed ('' for the root);
+    ``reason`` what fx said, with the file and line of the failing code when known.
     """
 
-    def __init__(self, message: str, module: str = ""):
+    def __init__(self, message: str, module: str = "", reason: str = ""):
         super().__init__(message)
         self.module = module
+        self.reason = reason or message
 
 
 class NoResidualsError(SurgeryError):

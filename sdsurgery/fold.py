@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import FoldError
-from .gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, installed_gates
+from .gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, converted_parts, installed_gates
 from .gate.install import uninstall
 from ._compat import BATCH_NORM
 from .ops import describe, get_attr, is_drop_module
@@ -317,7 +317,8 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
     eval output equals the converted model's eval output.
 
     Args:
-        model: a model returned by :func:`sdsurgery.convert`.
+        model: a model returned by :func:`sdsurgery.convert`, or a model holding submodules
+            converted in place (``convert(det.backbone.body, inplace=True)``): each is folded.
         keep_scale: for branches whose scale cannot be folded (see ``Residual.fold_blocker``),
             keep an explicit scale instead of raising: their gates stay installed, frozen at the
             eval behaviour (always on, scaled), so the model is not plain for those branches.
@@ -334,6 +335,17 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
         raise FoldError(f"cannot fold branch '{g.name}'{more}: {g.fold_blocker}; pass "
                         f"keep_scale=True to keep an explicit scale on it")
     out = model if inplace else copy.deepcopy(model)
+    parts = converted_parts(out)
+    if parts != [("", out)]:  # a model holding converted submodules: fold each where it is
+        for _, part in parts:
+            _fold_part(part)
+        return out
+    _fold_part(out)
+    return out
+
+
+def _fold_part(out: nn.Module) -> None:
+    """Fold a converted module in place (its blocked branches already accepted)."""
     gates = installed_gates(out)
     with torch.no_grad():
         for g in gates:
@@ -345,4 +357,3 @@ def fold(model: nn.Module, *, keep_scale: bool = False, inplace: bool = False) -
     uninstall(out, keep=keep)
     out.__dict__[FOLDED_ATTR] = True  # recorded in checkpoints
     out.__dict__[FOLDED_FROM_ATTR] = ctrl     # its settings too: what the weights were trained with
-    return out

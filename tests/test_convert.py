@@ -409,3 +409,54 @@ def test_a_slice_add_masks_the_whole_branch_as_a_drop_path_would():
         gate.drop_prob = 0.5
         ref = converted.eval()(x)  # BatchNorm statistics moved in the training call
         assert torch.allclose(sdsurgery.fold(converted, keep_scale=True)(x), ref, atol=1e-6)
+
+
+def test_a_detector_with_a_converted_backbone_answers_for_it():
+    """The pattern for detectors and segmenters: convert the backbone in place. The outer model
+    then answers gates / set_drop_rate / controller / fold for it, and trains."""
+    det = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3).eval()
+    assert not sdsurgery.is_converted(det)
+    with pytest.raises(sdsurgery.NotConvertedError, match="carries no stochastic-depth gates"):
+        sdsurgery.gates(det)
+    n = len(sdsurgery.find_residuals(det.backbone.body))
+    sdsurgery.convert(det.backbone.body, drop_rate=0.3, inplace=True, seed=0)
+    assert sdsurgery.is_converted(det) and len(sdsurgery.gates(det)) == n > 0
+    assert sdsurgery.controller(det) is sdsurgery.controller(det.backbone.body)
+    sdsurgery.set_drop_rate(det, 0.2)
+    assert max(g.drop_prob for g in sdsurgery.gates(det)) == pytest.approx(0.2)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        feats = det.backbone(x)
+        folded = sdsurgery.fold(det)
+        assert type(folded) is type(det) and not sdsurgery.is_converted(folded)
+        assert sdsurgery.is_converted(det)  # fold works on a copy
+        for k, v in folded.backbone(x).items():
+            torch.testing.assert_close(v, feats[k])
+    det.train()
+    losses = det([x[0]], [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1])}])
+    sum(losses.values()).backward()
+
+
+class _TwoNets(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = CustomNet(), CustomNet()
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+def test_several_converted_submodules_are_each_answered_for():
+    model = _TwoNets()
+    for part in (model.a, model.b):
+        sdsurgery.convert(part, drop_rate=0.5, inplace=True)
+    assert len(sdsurgery.gates(model)) == 2 * len(sdsurgery.gates(model.a))
+    sdsurgery.set_drop_rate(model, 0.1)
+    assert all(g.drop_prob <= 0.1 + 1e-9 for g in sdsurgery.gates(model))
+    with pytest.raises(sdsurgery.NotConvertedError, match="holds 2 converted submodules"):
+        sdsurgery.controller(model)
+    x = torch.randn(2, 3, 16, 16)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sdsurgery.fold(model)(x), model(x))

@@ -147,6 +147,7 @@ def test_an_untraceable_module_is_left_as_a_leaf_and_named():
     assert [r.name for r in an.residuals] == ["block"]
     odd, = [x for x in an.rejected if x.node == "leaf odd"]
     assert "'odd' (_Untraceable) were not searched" in odd.reason and odd.code == "not-traced"
+    assert odd.reason.endswith("its submodules were searched one by one") or "submodules" not in odd.reason
     assert "control flow" in odd.reason and "pass example=" in odd.reason
     with pytest.warns(UserWarning, match="module 'odd' left as it is: .*not searched"):
         converted = sdsurgery.convert(_HasUntraceable())
@@ -169,6 +170,11 @@ def test_an_untraceable_root_forward_is_a_trace_error():
     with pytest.raises(sdsurgery.TraceError, match="the model's own forward") as info:
         sdsurgery.find_residuals(_RootUntraceable())
     assert info.value.module == ""
+    message = str(info.value)
+    assert "\n" not in message
+    line = _RootUntraceable.forward.__code__.co_firstlineno + 1
+    assert f"control flow (at test_residuals.py:{line})" in message, message
+    assert "convert the submodule that holds the blocks" in message and "leaf" not in message
 
 
 def _size_net_eval(model, x, p):
@@ -535,3 +541,30 @@ def test_timm_adds_that_are_not_blocks_carry_their_codes(name, kwargs, residuals
     an = sdsurgery.analyse(timm.create_model(name, pretrained=False, **kwargs).eval())
     assert len(an.residuals) == residuals
     assert {r.code for r in an.rejected} == codes, [(r.code, r.reason) for r in an.rejected][:5]
+
+
+class _AddUNet(nn.Module):
+    """A U-Net whose skips are adds: ``lateral(enc) + upsample(deeper)``."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.enc1, self.enc2 = nn.Conv2d(3, c, 3, padding=1), nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.lat = nn.Conv2d(c, c, 1)
+        self.up = nn.Upsample(scale_factor=2)
+        self.block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        e1 = torch.relu(self.enc1(x))
+        e2 = torch.relu(self.enc2(e1))
+        d = self.lat(e1) + self.up(e2)
+        return d + self.block(d)  # the one residual block
+
+
+def test_fpn_and_unet_top_down_adds_are_not_residuals():
+    fpn = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).backbone
+    an = sdsurgery.analyse(fpn.eval(), example=torch.randn(1, 3, 64, 64))
+    assert len(an.residuals) == 16 and all(r.owner.startswith("body.") for r in an.residuals)
+    assert [r.code for r in an.rejected] == ["top-down"] * 3
+    an = sdsurgery.analyse(_AddUNet().eval())
+    assert [r.name for r in an.residuals] == ["block"]
+    assert [r.code for r in an.rejected] == ["top-down"]

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import sdsurgery
 
-T = pytest.importorskip("transformers")  # a test dependency (pyproject [test]); HF users: [hf]
+import transformers as T  # a test dependency (pyproject [test]); for users the [hf] extra
 
 
 def _x():

@@ -177,7 +177,8 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
                         if any(True for _ in child.parameters()) and len(list(child.modules())) > 1]
             analysis.rejected.append(RejectedAdd(path, f"leaf {path}", (
                 f"adds in the forward of '{path}' ({type(module).__name__}) were not searched: "
-                f"torch.fx cannot trace it ({why})" + ("; its submodules were" if children else "")),
+                f"torch.fx cannot trace it ({why})" + ("; its submodules were searched one by one"
+                                                        if children else "")),
                 "not-traced"))
             for name, child in children:
                 _search_module(analysis, f"{path}.{name}", child, None, user_leaves, pos, found, examples)
@@ -213,8 +214,8 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
 
 
 def _trace_why(e: TraceError) -> str:
-    """What fx said in a :class:`TraceError`, without the module name and the leaf hint."""
-    return str(e).split(": ", 2)[-1].split(". Mark it")[0][:140]
+    """What fx said in a :class:`TraceError`, without the module name and the hint."""
+    return e.reason[:160]
 
 
 def _size_free(ft: FlatTrace, owner: str) -> bool:

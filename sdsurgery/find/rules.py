@@ -14,6 +14,7 @@ code                      what the add is
 ``cpe``                   ``x + dwconv(x)`` without a norm: a conv position encoding
 ``reparam-dw-sum``        a sum of depthwise linear maps (RepViT's RepVggDw, FastViT's RepMixer)
 ``split-and-sum``         the two sides read different parts of one tensor (Res2Net)
+``top-down``              ``lateral(x) + upsample(deeper)``: an FPN / U-Net top-down merge
 ``inner-add``             an add inside a larger computation (residual pooling in attention)
 ``nested``                a residual on a side path of another block's branch (goes with it)
 ========================  =====================================================================
@@ -36,6 +37,7 @@ import operator
 from typing import Callable
 
 import torch.fx as fx
+import torch.nn as nn
 
 from ..ops import describe, shortcut_role
 from .candidates import SHORTCUT_CODES, STRUCTURAL_CODES, Candidate, Rejection
@@ -138,6 +140,33 @@ def _split_and_sum(facts: GraphFacts, c: Candidate) -> str | None:
                or u.args[1:] == first.args[1:] for u in reads):
         return ("the shortcut and the branch read different parts of one tensor "
                 "(a split-and-sum, e.g. Res2Net), not a block")
+    return None
+
+
+_UPSAMPLES = {"interpolate", "upsample", "upsample_nearest", "upsample_bilinear"}
+
+
+def _is_upsample(n: fx.Node, facts: GraphFacts) -> bool:
+    if n.op == "call_module":
+        return isinstance(facts.modules[n.target], nn.Upsample)
+    return n.op in ("call_function", "call_method") and \
+        getattr(n.target, "__name__", n.target) in _UPSAMPLES
+
+
+@rule("top-down")
+def _top_down(facts: GraphFacts, c: Candidate) -> str | None:
+    # lateral(x) + upsample(deeper(x)): an FPN / U-Net top-down merge, where the "branch" is the
+    # deeper part of the network brought back to x's resolution. Residual blocks keep their
+    # resolution; dropping this would cut the deeper features out of the pyramid.
+    cur = c.value
+    for _ in range(8):
+        if _is_upsample(cur, facts):
+            return ("the branch ends in an upsampling of a deeper feature (an FPN / U-Net "
+                    "top-down merge: lateral(x) + upsample(deeper)), not a block")
+        ins = facts.data_inputs(cur)
+        if len(ins) != 1 or shortcut_role(cur, facts.modules) not in ("identity", "projection"):
+            return None
+        cur = ins[0]
     return None
 
 

@@ -15,6 +15,7 @@ Two traces are made:
 from __future__ import annotations
 
 import contextlib
+import traceback
 import inspect
 import math
 from dataclasses import dataclass, field
@@ -335,11 +336,37 @@ def traceable(model: nn.Module):
             model.set_grad_checkpointing(True)
 
 
-def _leaf_hint(name: str, cls: type) -> str:
-    where = f"'{name}' ({cls.__name__})" if name else f"the model's own forward ({cls.__name__})"
-    how = (f"leaf_modules=[{name!r}] or leaf_modules=[{cls.__module__}.{cls.__name__}]" if name
-           else "a traceable forward (torch.fx symbolic tracing)")
-    return where, how
+def _trace_failure(name: str, cls: type, e: Exception) -> TraceError:
+    """A one-line TraceError: which module, what fx said and where (the last frame outside
+    torch and sdsurgery), and a hint that fits."""
+    reason = first_line(e, with_type=True)
+    where_in_code = _user_frame(e)
+    if where_in_code:
+        reason += f" (at {where_in_code})"
+    values = "control flow" in reason  # `if x.sum() > 0`: no example makes that traceable
+    if name:
+        where = f"'{name}' ({cls.__name__})"
+        hint = (f"mark it a leaf with leaf_modules=[{name!r}] or leaf_modules=[{cls.__module__}."
+                f"{cls.__name__}] (residuals inside a leaf are not gated)")
+        if values:
+            hint += ", or pass example= so it is traced on an example input (helps when it branches on sizes)"
+    else:
+        where = f"the model's own forward ({cls.__name__})"
+        hint = ("convert the submodule that holds the blocks instead (sdsurgery.convert(model.backbone, "
+                "inplace=True); the model then answers gates / fold for it)")
+    return TraceError(f"torch.fx cannot trace {where}: {reason}; {hint}", module=name, reason=reason)
+
+
+def _user_frame(e: BaseException) -> str:
+    """``file.py:line`` of the innermost traceback frame outside torch, sdsurgery and the
+    generated code, or ''."""
+    frames = traceback.extract_tb(e.__traceback__)
+    for f in reversed(frames):
+        path = f.filename.replace("\\", "/")
+        if "/torch/" in path or "/sdsurgery/" in path or path.startswith("<"):
+            continue
+        return f"{path.rsplit('/', 1)[-1]}:{f.lineno}"
+    return ""
 
 
 def notrace_module_types() -> tuple[type, ...]:
@@ -365,10 +392,7 @@ def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),
             graph = tracer.trace(model, concrete_args=concrete_args or None)
         except Exception as e:
             name, cls = tracer.failed_module or ("", type(model))
-            where, how = _leaf_hint(name, cls)
-            raise TraceError(f"torch.fx cannot trace {where}: {first_line(e, with_type=True)}. "
-                             f"Mark it a leaf with {how}; residuals inside a leaf are not gated",
-                             module=name) from e
+            raise _trace_failure(name, cls, e) from e
     return FlatTrace(root=model, graph=graph, modules=dict(model.named_modules()),
                      calls=tracer.calls, autowrap_functions=timm_fns)
 

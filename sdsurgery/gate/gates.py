@@ -18,8 +18,8 @@ from ..errors import NotConvertedError
 from .schedules import Schedule, check_rate, rescale, spread
 
 __all__ = ["MODES", "SCALINGS", "CONTROLLER_ATTR", "FOLDED_ATTR", "FOLDED_FROM_ATTR", "Decision", "decide",
-           "GateController", "GateSpec", "StochasticDepthGate", "GateHook", "controller_of",
-           "is_converted", "installed_gates"]
+           "GateController", "GateSpec", "StochasticDepthGate", "GateHook", "converted_parts",
+           "controller_of", "is_converted", "installed_gates"]
 
 MODES = ("block", "sample")
 SCALINGS = ("expectation", "inverted")
@@ -272,12 +272,26 @@ class GateHook:
 
 
 # ------------------------------------------------------------------------- model helpers
+def converted_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The converted modules of ``model`` by path: ``[("", model)]`` when ``model`` itself was
+    converted, else the submodules ``convert(..., inplace=True)`` was called on (a detector's
+    ``backbone.body``)."""
+    if CONTROLLER_ATTR in model.__dict__:
+        return [("", model)]
+    return [(n, m) for n, m in model.named_modules() if CONTROLLER_ATTR in m.__dict__]
+
+
 def controller_of(model: nn.Module) -> GateController:
-    ctrl = model.__dict__.get(CONTROLLER_ATTR)
-    if ctrl is None:
+    """The controller of ``model``, or of the one converted submodule it holds."""
+    parts = converted_parts(model)
+    if len(parts) == 1:
+        return parts[0][1].__dict__[CONTROLLER_ATTR]
+    if not parts:
         raise NotConvertedError(f"{type(model).__name__} carries no stochastic-depth gates; "
                                 f"convert it first with sdsurgery.convert(model)")
-    return ctrl
+    raise NotConvertedError(f"{type(model).__name__} holds {len(parts)} converted submodules "
+                            f"({', '.join(repr(n) for n, _ in parts)}), each with its own "
+                            f"controller; ask each of them")
 
 
 def is_converted(model: nn.Module) -> bool:
@@ -286,7 +300,11 @@ def is_converted(model: nn.Module) -> bool:
 
 
 def installed_gates(model: nn.Module) -> list[StochasticDepthGate]:
-    """The gates of a converted model, in depth order."""
-    controller_of(model)
-    found = [m for m in model.modules() if isinstance(m, StochasticDepthGate)]
-    return sorted(found, key=lambda g: g.index)
+    """The gates of a converted model (or of the converted submodules it holds), in depth
+    order within each."""
+    parts = converted_parts(model)
+    if not parts:
+        controller_of(model)  # raises the one-line error
+    return [g for _, part in parts
+            for g in sorted((m for m in part.modules() if isinstance(m, StochasticDepthGate)),
+                            key=lambda g: g.index)]

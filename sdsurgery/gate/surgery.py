@@ -21,7 +21,8 @@ import torch.nn as nn
 from ..errors import NoResidualsError
 from ..find.residuals import Analysis, Example, Residual, analyse, require_residuals, select
 from ..find.tracing import LeafSpec
-from .gates import MODES, SCALINGS, GateController, StochasticDepthGate, controller_of, installed_gates
+from .gates import (MODES, SCALINGS, GateController, StochasticDepthGate, controller_of, converted_parts,
+                    installed_gates)
 from .install import install
 from .plan import prepare
 from .schedules import Schedule, check_rate
@@ -152,7 +153,11 @@ def gates(model: nn.Module) -> list[StochasticDepthGate]:
 def set_drop_rate(model: nn.Module, drop_rate: float) -> None:
     """Re-spread a new ``drop_rate`` over the gates with the schedule given to ``convert``
     (custom schedules are rescaled so their largest probability becomes ``drop_rate``)."""
-    controller_of(model).set_drop_rate(drop_rate)
+    parts = converted_parts(model)
+    if not parts:
+        controller_of(model)  # raises the one-line error
+    for _, part in parts:
+        controller_of(part).set_drop_rate(drop_rate)
 
 
 def controller(model: nn.Module) -> GateController:
