@@ -13,7 +13,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 __all__ = ["BATCH_NORM", "INSTANCE_NORM", "CONV", "POOLS", "children_of", "parameters_of",
-           "buffers_of", "remove_forward_hook", "pytree_info", "SPEC_ATTRS", "without_fx_patches"]
+           "buffers_of", "remove_forward_hook", "pytree_info", "SPEC_ATTRS", "without_fx_patches",
+           "canonical_mask", "none_or_dtype", "detect_is_causal_mask"]
 
 # Base classes torch keeps private: every BatchNorm*d / InstanceNorm*d / Conv*d and pooling layer.
 BATCH_NORM: type = nn.modules.batchnorm._BatchNorm
@@ -60,3 +61,10 @@ def without_fx_patches() -> contextlib.AbstractContextManager:
     from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
     return _maybe_revert_all_patches()
+
+
+# The mask helpers nn.TransformerEncoder(Layer) call before their slow path; the traceable
+# stand-ins of sdsurgery.find.standins call the same ones.
+canonical_mask = nn.functional._canonical_mask
+none_or_dtype = nn.functional._none_or_dtype
+detect_is_causal_mask = nn.modules.transformer._detect_is_causal_mask

@@ -40,3 +40,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "zoo" in item.keywords:
             item.add_marker(skip)
+
+
+def replay_keeps(model, steps: int) -> dict:
+    """How often each gate of ``model`` keeps its branch over ``steps`` train forwards (block
+    mode, one draw per gate per forward in call order), replayed from the gates' own generator
+    as it is now. Call before running the forwards, then compare with counted module calls."""
+    import collections
+
+    import sdsurgery
+    ctrl = sdsurgery.controller(model)
+    state = ctrl.generator.get_state()
+    kept = collections.Counter()
+    for _ in range(steps):
+        for g in sorted(sdsurgery.gates(model), key=lambda g: g.index):
+            if not torch.rand((), generator=ctrl.generator).item() < g.drop_prob:
+                kept[g.name] += 1
+    ctrl.generator.set_state(state)
+    return kept

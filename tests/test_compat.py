@@ -68,9 +68,22 @@ def test_fx_patches_are_undone_inside_a_trace():
 
 def test_no_private_torch_name_outside_compat():
     private = re.compile(r"\._(BatchNorm|InstanceNorm|ConvNd|AvgPoolNd|MaxPoolNd|AdaptiveAvgPoolNd|modules|"
-                         r"parameters|buffers|forward_hooks|forward_pre_hooks|codegen|in_spec|out_spec)\b|"
+                         r"parameters|buffers|forward_hooks|forward_pre_hooks|codegen|in_spec|out_spec|canonical_mask|"
+                         r"none_or_dtype|detect_is_causal_mask)\b|"
                          r"_maybe_revert_all_patches|timm\.layers\._fx|layers import _fx")
     package = Path(_compat.__file__).parent
     found = [f"{p.name}:{i}" for p in package.rglob("*.py") if p.name != "_compat.py"
              for i, line in enumerate(p.read_text().splitlines(), 1) if private.search(line)]
     assert not found
+
+
+def test_transformer_mask_helpers():
+    """What nn.TransformerEncoder(Layer) canonicalise masks with: a bool key-padding mask
+    becomes an additive float mask; a square causal mask is detected."""
+    pad = torch.tensor([[False, True]])
+    out = _compat.canonical_mask(mask=pad, mask_name="m", other_type=_compat.none_or_dtype(None),
+                                 other_name="o", target_type=torch.float32)
+    assert out.dtype == torch.float32 and out[0, 0] == 0 and out[0, 1] == float("-inf")
+    causal = nn.Transformer.generate_square_subsequent_mask(3)
+    assert _compat.detect_is_causal_mask(causal, None, 3) is True
+    assert _compat.detect_is_causal_mask(None, None, 3) is False

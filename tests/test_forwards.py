@@ -3,6 +3,7 @@
 Each model is converted and trained a few steps; module calls are counted to prove dropped
 branches are skipped (not computed and masked), and the folded model is checked exact.
 """
+import collections
 import functools
 
 import pytest
@@ -81,3 +82,48 @@ def test_decorated_and_kwargs_forwards_are_gated_and_skip(make):
     sdsurgery.set_drop_rate(conv, 0.9)
     ran, total = _linear_calls(conv)
     assert ran < 0.3 * total, (ran, total)  # ~10% kept: dropped branches are not computed
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_torch_transformer_encoder_is_gated_skipped_and_folded(norm_first, batch_first):
+    """nn.TransformerEncoder(Layer): torch.fx sees them as leaves and cannot follow their fast
+    path; sdsurgery traces their slow path (sdsurgery.find.standins). 2 residuals per layer,
+    skipped when dropped (counted), exact at drop 0 and after fold; the folded model has its
+    own forward (and fast path) back."""
+    from conftest import replay_keeps
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=batch_first, norm_first=norm_first)
+    enc = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16) if batch_first else torch.randn(5, 2, 16)
+    pad = torch.tensor([[False] * 4 + [True], [False] * 5])
+    with torch.no_grad():
+        ref = enc(x, src_key_padding_mask=pad)
+    residuals = sdsurgery.find_residuals(enc, example=x)
+    assert [(r.name, r.fold_target) for r in residuals] == [
+        (f"layers.{i}.{a}", f"layers.{i}.{b}") for i in range(3)
+        for a, b in (("self_attn", "self_attn.out_proj"), ("linear1", "linear2"))]
+    conv = sdsurgery.convert(enc, drop_rate=0.0, example=x, seed=0)
+    assert len(sdsurgery.gates(conv)) == 6 and not any(g.masked for g in sdsurgery.gates(conv))
+    with torch.no_grad():
+        torch.testing.assert_close(conv(x, src_key_padding_mask=pad), ref)
+    sdsurgery.set_drop_rate(conv, 0.5)
+    calls = collections.Counter()
+    for name, m in conv.named_modules():
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention)):
+            m.register_forward_hook(lambda m, a, o, name=name: calls.update([name]))
+    kept = replay_keeps(conv, 12)
+    conv.train()
+    for _ in range(12):
+        conv(x, src_key_padding_mask=pad).sum().backward()
+    for r in residuals:
+        for m in r.modules:
+            if isinstance(conv.get_submodule(m), (nn.Linear, nn.MultiheadAttention)):
+                assert calls[m] == kept[r.name], (r.name, m, calls[m], kept[r.name])
+    assert sum(kept.values()) < 12 * 6
+    conv.eval()
+    with torch.no_grad():
+        out = conv(x, src_key_padding_mask=pad)
+        folded = sdsurgery.fold(conv)
+        torch.testing.assert_close(folded(x, src_key_padding_mask=pad), out, rtol=1e-5, atol=1e-6)
+    assert not any("forward" in m.__dict__ for m in folded.modules())

@@ -15,9 +15,10 @@ Two traces are made:
 from __future__ import annotations
 
 import contextlib
-import traceback
+import functools
 import inspect
 import math
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -28,6 +29,7 @@ import torch.nn as nn
 from .._compat import without_fx_patches
 from ..errors import TraceError, first_line
 from ..ops import drop_module_types
+from .standins import traceable_forward
 
 __all__ = ["LeafSpec", "ModuleCall", "FlatTrace", "resolve_leaves", "traceable",
            "notrace_module_types", "trace_model", "trace_with_example", "split_call",
@@ -124,9 +126,14 @@ def explicit_signature(fn: Callable) -> Callable:
 
 
 class _ExplicitRoot:
-    """Traces a decorated root forward through :func:`explicit_signature`."""
+    """Traces a root through its registered stand-in (:mod:`.standins`), or a decorated root
+    forward through :func:`explicit_signature`."""
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
+        root = getattr(self, "root", None)
+        standin = traceable_forward(root) if isinstance(root, nn.Module) else None
+        if standin is not None and root_fn is type(root).forward:
+            root_fn = standin
         return super().create_args_for_root(explicit_signature(root_fn), is_module, concrete_args)
 
 
@@ -147,11 +154,16 @@ class _SurgeryTracer(_ExplicitRoot, fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.leaf_ids or isinstance(m, self.leaf_types):
             return True
+        if traceable_forward(m) is not None:  # torch.nn modules are leaves to fx, these not
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
         self.calls.setdefault(name, []).append(ModuleCall(tuple(args), dict(kwargs)))
+        standin = traceable_forward(m)
+        if standin is not None and not self.is_leaf_module(m, name):
+            forward = functools.partial(standin, m)
         try:
             return super().call_module(m, forward, args, kwargs)
         except TraceError:

@@ -104,9 +104,13 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
     concrete: dict[str, Any] | None = None
     if owner:
         calls = ft.calls.get(owner, [])
-        if len(calls) != 1:
+        if not calls:
+            raise Skip(f"no call of '{owner}' was traced (its caller could not be traced, so it "
+                       f"was searched on its own); convert the module that calls it, if that "
+                       f"one traces")
+        if len(calls) > 1:
             raise Skip(f"'{owner}' is called {len(calls)} times in one forward pass (shared "
-                        f"weights); sdsurgery gates blocks called once")
+                       f"weights); sdsurgery gates blocks called once")
         concrete = calls[0].concrete_args(block)
         if concrete is None:
             raise Skip(f"cannot map the call of '{owner}' onto its forward signature")
