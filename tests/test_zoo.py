@@ -1,8 +1,8 @@
 """Coverage against timm's own drop-path slots and torchvision's documented blocks (tests/zoo.py).
 
 The default run checks a fast set of families that must stay exact. `pytest --zoo` runs one
-small variant of every timm family and every torchvision classification model, and writes the
-tables to docs/coverage.md.
+small variant of every timm family, every torchvision classification model and a tiny config of
+several transformers families, and writes the tables to docs/coverage.md.
 """
 import pytest
 
@@ -67,7 +67,8 @@ def test_zoo_table():
     import timm
     import torch
     import torchvision
-    from zoo import ZooRow
+    import transformers
+    from zoo import ZooRow, _hf_cases, check_transformers
 
     class _Timeout(Exception):
         pass
@@ -91,12 +92,13 @@ def test_zoo_table():
     timm_rows = [run(f, n, lambda f=f, n=n: check(f, n)) for f, n in families().items()]
     tv_names = torchvision.models.list_models(module=torchvision.models)
     tv_rows = [run("torchvision", n, lambda n=n: check_torchvision(n)) for n in tv_names]
+    hf_rows = [run("transformers", n, lambda n=n: check_transformers(n)) for n in _hf_cases()]
 
     def table(rows):
-        out = ["| family | model | found / expected | foldable | masked | status | reason |",
-               "|---|---|---|---|---|---|---|"]
+        out = ["| family | model | found / expected | foldable | masked | skip verified | status | reason |",
+               "|---|---|---|---|---|---|---|---|"]
         out += [f"| {r.family} | {r.model} | {r.found} / {r.expected} | {r.foldable} | {r.masked} | "
-                f"{r.status} | {r.reason} |" for r in rows]
+                f"{r.skip} | {r.status} | {r.reason} |" for r in rows]
         return out
 
     ok_timm = sum(r.status == "ok" for r in timm_rows)
@@ -110,11 +112,16 @@ def test_zoo_table():
     lines += table(tv_rows)
     lines += ["", f"## timm: {ok_timm} of {len(timm_rows)} families exact (one small variant each)", ""]
     lines += table(timm_rows)
+    ok_hf = sum(r.status == "ok" for r in hf_rows)
+    lines += ["", f"## transformers {transformers.__version__}: {ok_hf} of {len(hf_rows)} families exact "
+              "(tiny random configs, the model object with keyword inputs)", ""]
+    lines += table(hf_rows)
     lines += ["", "## How this is measured", "", Path(__file__).with_name("zoo.py").read_text()
               .split('"""')[1].strip()]
     out = Path(__file__).parent.parent / "docs" / "coverage.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    # what the default run checks must hold in the zoo run too
+    # what the default run checks must hold in the zoo run too; no gate claims a skip it does not make
+    assert not [r for r in timm_rows + tv_rows + hf_rows if r.status == "skip"]
     assert all(r.status == "ok" for r in timm_rows if r.family in EXACT), [r for r in timm_rows if r.family in EXACT]
     assert all(r.status == "ok" for r in tv_rows if r.model in TORCHVISION), [r for r in tv_rows if r.model in TORCHVISION]

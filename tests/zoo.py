@@ -22,8 +22,16 @@ folded model reproduces the gated model's eval output (relative error <= 1e-4, w
 scales, norms and heads randomised so that every branch counts). ``foldable`` is how many
 branches fold into existing weights with no leftover scale. ``masked`` is how many are gated by
 masking their value (their block needs it anyway, or the block's forward cannot be rewritten):
-they are dropped as the others, but a drop saves no compute. ``no oracle`` rows (NASNet,
+they are dropped as the others, but a drop saves no compute. ``skip verified`` is counted, not
+trusted: at drop rate 0.99, over three training forwards, the modules with parameters on each
+other gate's branch must not run in a forward where that gate dropped (module calls counted
+with hooks, each gate's decisions recorded as it makes them); ``n/m`` = n of the m gates not
+marked masked, and any gate that fails makes the row ``skip``. ``no oracle`` rows (NASNet,
 PNASNet) have no reference count; they check that what is found gates and folds.
+
+* transformers (tiny random configs of each family, the model object converted with a dict of
+  keyword inputs): expected = the residuals its config implies (two per transformer layer, one
+  per ResNet / ConvNeXt block).
 """
 from __future__ import annotations
 
@@ -197,6 +205,7 @@ class ZooRow:
     reason: str
     seconds: float
     masked: int = 0
+    skip: str = ""  # "verified / checked" gates (see _skip_verified)
 
 
 # Families with no reference count: their cells sum pairs of operations (NASNet, PNASNet). timm
@@ -276,7 +285,7 @@ def judge(family: str, name: str, model: nn.Module, x: torch.Tensor, expected: i
     elif expected is not None and found != owners:
         row.status, row.reason = "owners", "the residuals found are not the blocks the oracle names"
     else:
-        _step_and_fold(model, x, row, tolerance)
+        _step_and_fold(model, x, row, tolerance, residuals)
     return row
 
 
@@ -331,7 +340,63 @@ def _randomize(model: nn.Module) -> None:
                 p.uniform_(0.5, 1.5)
 
 
-def _step_and_fold(model: nn.Module, x: torch.Tensor, row: ZooRow, tolerance: float) -> None:
+def _call(model: nn.Module, x):
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _first(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out[0]
+
+
+def _skip_verified(converted: nn.Module, residuals, x, row: ZooRow, steps: int = 3) -> None:
+    """At drop rate 0.99, over ``steps`` train forwards, the modules with parameters on each
+    gate's branch must not run in a forward where its gate dropped it (each gate's decisions
+    are recorded as it makes them). A gate marked masked is honest about running them; any
+    other gate that runs them is a failure (status ``skip``)."""
+    sdsurgery.set_drop_rate(converted, 0.99)
+    gates = {g.name: g for g in sdsurgery.gates(converted)}
+    decisions: dict[str, list] = {}
+    for g in gates.values():
+        def record(n, g=g, own=type(g)._decide):
+            d = own(g, n)
+            decisions.setdefault(g.name, []).append(d.keep)
+            return d
+        g._decide = record
+    modules = dict(converted.named_modules())
+    watch = {r.name: [m for m in r.modules if m in modules and any(True for _ in modules[m].parameters())]
+             for r in residuals if r.name in gates and not gates[r.name].masked}
+    calls: Counter = Counter()
+    handles = [modules[m].register_forward_hook(lambda mod, a, o, m=m: calls.update([m]))
+               for ms in watch.values() for m in set(ms)]
+    bad: set[str] = set()
+    converted.train()
+    try:
+        for _ in range(steps):
+            calls.clear()
+            decisions.clear()
+            _call(converted, x)
+            for name, ms in watch.items():
+                dropped = decisions.get(name) and all(k is False for k in decisions[name])
+                if dropped and any(calls[m] for m in ms):
+                    bad.add(name)
+    finally:
+        for h in handles:
+            h.remove()
+        for g in gates.values():
+            del g._decide
+    checked = [n for n, ms in watch.items() if ms]
+    row.skip = f"{len(checked) - len(bad & set(checked))}/{len(checked)}"
+    if bad and row.status == "ok":
+        first = sorted(bad)[0]
+        row.status, row.reason = "skip", (f"{len(bad)} gates not marked masked still run their branch "
+                                          f"when dropped (first: {first})")
+
+
+def _step_and_fold(model: nn.Module, x, row: ZooRow, tolerance: float, residuals=()) -> None:
     import warnings
 
     with warnings.catch_warnings(record=True) as caught:
@@ -343,17 +408,16 @@ def _step_and_fold(model: nn.Module, x: torch.Tensor, row: ZooRow, tolerance: fl
         first = next((str(w.message) for w in caught if "sdsurgery" in str(w.message)), "")
         row.status, row.reason = "gated", f"{gated} of {row.found} gated; {first[:200]}".replace("|", "/")
     converted.train()
-    out = converted(x)
-    (out[0] if isinstance(out, (tuple, list)) else out).float().mean().backward()
+    _first(_call(converted, x)).float().mean().backward()
     converted.eval()
     folded = sdsurgery.fold(converted, keep_scale=True).eval()
     with torch.no_grad():
-        a, b = converted(x), folded(x)
-    a = a[0] if isinstance(a, (tuple, list)) else a
-    b = b[0] if isinstance(b, (tuple, list)) else b
+        a, b = _first(_call(converted, x)), _first(_call(folded, x))
     rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
     if rel > tolerance:
         row.status, row.reason = "fold", f"folded differs by {rel:.1e}"
+    if residuals:
+        _skip_verified(converted, residuals, x, row)
 
 
 def families() -> dict[str, str]:
@@ -364,3 +428,56 @@ def families() -> dict[str, str]:
         if names:
             out[module] = smallest_variant(names)
     return out
+
+
+# ------------------------------------------------------------------------------ transformers
+def _hf_cases() -> dict:
+    """name -> (model factory, example inputs, expected residuals from the config)."""
+    import transformers as T
+
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    ids = {"input_ids": torch.randint(0, 50, (2, 8))}
+    vit = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+               intermediate_size=32)
+    text = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                max_position_embeddings=16)
+    return {
+        "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(**vit, num_labels=3)), x, 4),
+        "deit": (lambda: T.DeiTForImageClassification(T.DeiTConfig(**vit, num_labels=3)), x, 4),
+        "beit": (lambda: T.BeitForImageClassification(T.BeitConfig(**vit, num_labels=3, drop_path_rate=0.1)), x, 4),
+        "dinov2": (lambda: T.Dinov2Model(T.Dinov2Config(**{k: v for k, v in vit.items() if k != "intermediate_size"},
+                                                         drop_path_rate=0.1)), x, 4),
+        "convnext": (lambda: T.ConvNextForImageClassification(T.ConvNextConfig(
+            hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, drop_path_rate=0.2, num_labels=3)), x, 3),
+        "convnextv2": (lambda: T.ConvNextV2ForImageClassification(T.ConvNextV2Config(
+            hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, drop_path_rate=0.2, num_labels=3)), x, 3),
+        "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], num_labels=3)), x, 3),
+        "swinv2": (lambda: T.Swinv2ForImageClassification(T.Swinv2Config(
+            image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4,
+            num_labels=3, drop_path_rate=0.1)), x, 4),
+        "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(**text, num_labels=3)), ids, 4),
+        "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
+                                                        n_head=2)), ids, 4),
+        "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=2, max_position_embeddings=16)), ids, 4),
+    }
+
+
+def check_transformers(name: str, tolerance: float = 1e-4) -> ZooRow:
+    """One transformers family: the model object, converted with a dict of keyword inputs."""
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    make, x, expected = _hf_cases()[name]
+    model = make().eval()
+    _randomize(model)
+    residuals = sdsurgery.find_residuals(model, example=x)
+    row = ZooRow("transformers", type(model).__name__, len(residuals), expected,
+                 sum(r.fold_target is not None for r in residuals), "ok", "", 0.0)
+    if len(residuals) != expected:
+        row.status, row.reason = "count", f"found {len(residuals)}, the config implies {expected}"
+    else:
+        _step_and_fold(model, x, row, tolerance, residuals)
+    row.seconds = time.perf_counter() - t0
+    return row
