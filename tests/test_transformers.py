@@ -105,6 +105,9 @@ def test_transformers_models_convert_skip_and_fold(name, tmp_path):
         folded = sdsurgery.fold(conv)
         torch.testing.assert_close(folded(**example)[0], out[0], rtol=1e-5, atol=1e-6)
     assert type(folded) is type(model) and not sdsurgery.is_converted(folded)
+    drops = {n: m.drop_prob for n, m in model.named_modules() if type(m).__name__.endswith("DropPath")}
+    assert {n: m.drop_prob for n, m in conv.named_modules() if n in drops} == dict.fromkeys(drops, 0.0)
+    assert {n: m.drop_prob for n, m in folded.named_modules() if n in drops} == drops  # restored
     folded.save_pretrained(tmp_path)
     again = type(model).from_pretrained(tmp_path).eval()
     with torch.no_grad():

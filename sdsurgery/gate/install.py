@@ -61,6 +61,8 @@ def _neutralise(target: nn.Module, analysis: "Analysis", gated: set[str], ctrl: 
         for name in r.drop_modules:
             m = target.get_submodule(name)
             attr = drop_attr(m)
+            if any(n == name for n, _, _ in ctrl.neutralised):
+                continue  # one module on two branches (Dinov2's drop_path): keep its first value
             if attr is not None and isinstance(getattr(m, attr, None), (int, float)):
                 ctrl.neutralised.append((name, attr, getattr(m, attr)))
                 if getattr(m, attr):
