@@ -134,3 +134,15 @@ def test_bert_post_norm_branches_computed_by_the_caller_are_marked_masked():
     conv.eval()
     with torch.no_grad():
         torch.testing.assert_close(sdsurgery.fold(conv)(**example)[0], conv(**example)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_swinv2_residuals_are_found_in_its_size_specialised_trace():
+    """Swinv2Layer's forward branches on sizes and takes its sizes as a tuple argument; traced on
+    the example call, fx flattens the tuple into asserted leaves, which must get the example's
+    values. All 4 residuals are found (gating them is not done yet: see the README's limits)."""
+    model = T.Swinv2ForImageClassification(T.Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4,
+        num_labels=3, drop_path_rate=0.1)).eval()
+    an = sdsurgery.analyse(model, example=_example("pixel_values"))
+    assert len(an.residuals) == 4
+    assert {r.code for r in an.rejected} == {"pos-embedding"}

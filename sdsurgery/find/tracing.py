@@ -259,7 +259,10 @@ class _RunsExamples:
         # the example outside those patches.
         with torch.no_grad(), without_fx_patches():
             if node.op == "placeholder":
-                return self.examples.get(str(node.target).lstrip("*"))
+                name = str(node.target).lstrip("*")
+                if name in self.examples:
+                    return self.examples[name]
+                return _concrete_leaf(getattr(self, "concrete", None) or {}, name)
             if node.op == "get_attr":
                 obj = self.root  # type: ignore[attr-defined]
                 for part in str(node.target).split("."):
@@ -272,6 +275,28 @@ class _RunsExamples:
             if node.op == "call_module":
                 return self.root.get_submodule(node.target)(*args, **kwargs)  # type: ignore[attr-defined]
         return None
+
+
+def _concrete_leaf(concrete: dict[str, Any], name: str) -> Any:
+    """The value of a placeholder fx made for a concrete argument: the argument itself, or for
+    ``NAME_K`` the K-th leaf of a tuple / list / dict argument ``NAME`` (fx flattens those and
+    asserts each leaf)."""
+    if name in concrete:
+        return concrete[name]
+    base, _, k = name.rpartition("_")
+    if base in concrete and k.isdigit():
+        leaves = _leaves(concrete[base])
+        if 0 < int(k) <= len(leaves):
+            return leaves[int(k) - 1]
+    return None
+
+
+def _leaves(value: Any) -> list:
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    return [value]
 
 
 class _ShapeTracer(_RunsExamples, _SurgeryTracer):
@@ -399,6 +424,7 @@ def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),
         tracer = _SurgeryTracer(leaf_types, user_ids, timm_fns)
     else:
         tracer = _ShapeTracer(leaf_types, user_ids, timm_fns, examples=examples)
+        tracer.concrete = concrete_args or {}
     with traceable(model):
         try:
             graph = tracer.trace(model, concrete_args=concrete_args or None)
@@ -444,6 +470,7 @@ def trace_block_on_example(block: nn.Module, concrete: dict[str, Any], tensors: 
     example call (as :func:`split_call` gives it) and to its non-tensor arguments, except the
     batch size. The graph holds only for inputs of those sizes (a caller must guard on them)."""
     tracer = _BlockExampleTracer(tuple(autowrap_functions), tensors)
+    tracer.concrete = concrete or {}
     with traceable(block):
         return tracer.trace(block, concrete_args=concrete or None)
 
