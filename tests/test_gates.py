@@ -220,3 +220,12 @@ def test_one_decision_function_for_every_gate():
     assert keeps[:50] == [not torch.rand((), generator=g).item() < 0.3 for _ in range(50)]
     sample = decide(0.5, "sample", "expectation", 6, g, True).keep
     assert sample.dtype == torch.bool and sample.shape == (6,)
+
+
+def test_a_gate_says_which_modules_a_drop_skips():
+    """``gate.skips``: the modules its branch function calls (what a drop does not run); the
+    coverage harness checks them against counted calls. A masked gate skips nothing."""
+    model = sdsurgery.convert(CustomNet(), drop_rate=0.5)
+    skips = {g.name: g.skips for g in sdsurgery.gates(model)}
+    assert skips["stage.0"] == ("stage.0.conv1", "stage.0.bn1", "stage.0.conv2", "stage.0.bn2")
+    assert skips["mix"] == ("mix",)

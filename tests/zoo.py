@@ -24,7 +24,9 @@ branches fold into existing weights with no leftover scale. ``masked`` is how ma
 masking their value (their block needs it anyway, or the block's forward cannot be rewritten):
 they are dropped as the others, but a drop saves no compute. ``skip verified`` is counted, not
 trusted: at drop rate 0.99, over three training forwards, the modules with parameters on each
-other gate's branch must not run in a forward where that gate dropped (module calls counted
+other gate's branch that the gate says it skips (``gate.skips``: the part of the branch its block
+does not need otherwise; those that run once per forward when every branch runs) must not run in
+a forward where that gate dropped (module calls counted
 with hooks, each gate's decisions recorded as it makes them); ``n/m`` = n of the m gates not
 marked masked, and any gate that fails makes the row ``skip``. ``no oracle`` rows (NASNet,
 PNASNet) have no reference count; they check that what is found gates and folds.
@@ -357,6 +359,18 @@ def _skip_verified(converted: nn.Module, residuals, x, row: ZooRow, steps: int =
     gate's branch must not run in a forward where its gate dropped it (each gate's decisions
     are recorded as it makes them). A gate marked masked is honest about running them; any
     other gate that runs them is a failure (status ``skip``)."""
+    modules = dict(converted.named_modules())
+    # Watch only modules that run once per forward when every branch runs (a module called in
+    # two places would count calls that are not its branch's).
+    once: Counter = Counter()
+    handles = [mod.register_forward_hook(lambda mod, a, o, m=m: once.update([m]))
+               for m, mod in modules.items() if any(True for _ in mod.parameters())]
+    sdsurgery.set_drop_rate(converted, 0.0)
+    converted.train()
+    with torch.no_grad():
+        _call(converted, x)
+    for h in handles:
+        h.remove()
     sdsurgery.set_drop_rate(converted, 0.99)
     gates = {g.name: g for g in sdsurgery.gates(converted)}
     decisions: dict[str, list] = {}
@@ -366,8 +380,10 @@ def _skip_verified(converted: nn.Module, residuals, x, row: ZooRow, steps: int =
             decisions.setdefault(g.name, []).append(d.keep)
             return d
         g._decide = record
-    modules = dict(converted.named_modules())
-    watch = {r.name: [m for m in r.modules if m in modules and any(True for _ in modules[m].parameters())]
+    # What each gate says a drop skips must be on its residual's branch, and must not run.
+    def skipped(m: str, skips) -> bool:  # skips name the block's children (block traces stop there)
+        return any(m == k or m.startswith(k + ".") for k in skips)
+    watch = {r.name: [m for m in r.modules if once.get(m) == 1 and skipped(m, gates[r.name].skips)]
              for r in residuals if r.name in gates and not gates[r.name].masked}
     calls: Counter = Counter()
     handles = [modules[m].register_forward_hook(lambda mod, a, o, m=m: calls.update([m]))

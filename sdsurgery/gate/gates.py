@@ -126,6 +126,8 @@ class GateSpec:
             include sizes read from the full batch).
         masked: why the branch is masked rather than skipped (its block computes it anyway),
             or None: a dropped branch is not computed.
+        skips: the modules a drop does not run (the branch's part its block does not need
+            otherwise); empty for masked gates.
     """
 
     name: str
@@ -138,6 +140,7 @@ class GateSpec:
     batched: tuple[bool, ...] = ()
     sample_fallback: bool = True
     masked: str | None = None
+    skips: tuple[str, ...] = ()
 
     @classmethod
     def of(cls, residual: Any, **cut: Any) -> "GateSpec":
@@ -186,6 +189,7 @@ class StochasticDepthGate(nn.Module):
     batched = property(lambda self: self.spec.batched)
     sample_fallback = property(lambda self: self.spec.sample_fallback)
     masked = property(lambda self: self.spec.masked)
+    skips = property(lambda self: self.spec.skips)
 
     @property
     def survival_prob(self) -> float:

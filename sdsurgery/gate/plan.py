@@ -51,7 +51,8 @@ def _program_of(owner: str, rewrite: Rewrite, residuals: list[Residual], probs: 
     return Program(owner=owner, forward=extra.pop("forward", rewrite.forward),
                    branches=[(c.fn_attr, c.fn) for c in rewrite.cuts],
                    gates=[(c.gate_attr, _gate(r, probs, ctrl, batched=c.batched,
-                                              sample_fallback=c.sample_fallback, masked=c.masked))
+                                              sample_fallback=c.sample_fallback, masked=c.masked,
+                                              skips=tuple(f"{owner}.{m}" if owner else m for m in c.modules)))
                           for c, r in zip(rewrite.cuts, residuals)], **extra)
 
 

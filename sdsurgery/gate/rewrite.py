@@ -66,6 +66,7 @@ class Cut:
     batched: tuple[bool, ...]  # per input: has the batch dimension
     sample_fallback: bool  # an input is not a tensor (sizes): sample mode masks
     masked: str | None  # why the branch is masked rather than skipped
+    modules: tuple[str, ...] = ()  # the modules the branch function calls (block-relative)
 
 
 @dataclass
@@ -153,7 +154,8 @@ def _cut(graph: fx.Graph, block: nn.Module, owner: str, k: int, r: Residual, add
     graph.lint()
     return Cut(gate_attr=gate_attr, fn_attr=fn_attr, fn=branch_fn,
                batched=tuple(kinds.get(i) == "tensor" and _depends_on(i, placeholders[:1]) for i in inputs),
-               sample_fallback=any(kinds.get(i) != "tensor" for i in inputs), masked=masked)
+               sample_fallback=any(kinds.get(i) != "tensor" for i in inputs), masked=masked,
+               modules=tuple(dict.fromkeys(n.target for n in branch if n.op == "call_module")))
 
 
 _SIMPLE = (int, float, bool, str, type(None))
