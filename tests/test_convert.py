@@ -436,6 +436,8 @@ def test_a_detector_with_a_converted_backbone_answers_for_it():
     det.train()
     losses = det([x[0]], [{"boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]), "labels": torch.tensor([1])}])
     sum(losses.values()).backward()
+    with pytest.raises(sdsurgery.CheckpointError, match=r"holds converted submodules \(backbone.body\): fold it first"):
+        sdsurgery.save(det, "unused.safetensors", spec="torchvision:fasterrcnn_mobilenet_v3_large_320_fpn")
 
 
 class _TwoNets(nn.Module):

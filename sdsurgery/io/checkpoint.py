@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import SurgeryError, first_line
-from ..gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, MODES, SCALINGS
+from ..gate.gates import CONTROLLER_ATTR, FOLDED_ATTR, FOLDED_FROM_ATTR, MODES, SCALINGS, converted_parts
 from ..gate.schedules import SCHEDULES
 from ..gate.surgery import convert
 from ..version import __version__
@@ -46,6 +46,11 @@ def describe(model: nn.Module, spec: str | None = None,
 
     ``preprocessing`` (``sdsurgery.train.data.Preprocessing.to_dict()``: dataset, class count, image
     size, mean/std, interpolation, crop) is what the model was trained on: ``eval`` uses it."""
+    parts = [n for n, _ in converted_parts(model) if n]
+    if parts:  # its file would read as a plain model whose branches were never scaled
+        raise CheckpointError(f"{type(model).__name__} holds converted submodules ({', '.join(parts)}): "
+                              f"fold it first (sdsurgery.fold(model)), or save the converted submodule "
+                              f"itself")
     src = source_of(model)
     if spec is None and src is None:
         raise CheckpointError(f"{type(model).__name__} has no recorded source (it was not built "
