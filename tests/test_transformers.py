@@ -146,3 +146,35 @@ def test_swinv2_residuals_are_found_in_its_size_specialised_trace():
     an = sdsurgery.analyse(model, example=_example("pixel_values"))
     assert len(an.residuals) == 4
     assert {r.code for r in an.rejected} == {"pos-embedding"}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_decoder_lms_without_kv_cache_are_gated_by_masking(name):
+    """GPT-2 / Llama with ``use_cache=False`` (usual for training): all residuals found and
+    gated, honestly marked masked (their blocks are found in an example-specialised trace), and
+    the converted model still folds. With the default ``use_cache=True`` convert raises, naming
+    the blocks (the README's limits)."""
+    ids = _example("input_ids")
+    if name == "gpt2":
+        def make(cache):
+            return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
+                                                  n_head=2, use_cache=cache)).eval()
+    else:
+        def make(cache):
+            return T.LlamaForCausalLM(T.LlamaConfig(
+                vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+                use_cache=cache)).eval()
+    with pytest.raises(sdsurgery.NoResidualsError, match="no call of .* was traced"):
+        sdsurgery.convert(make(True), example=ids)
+    model = make(False)
+    with pytest.warns(UserWarning, match="gated by masking"):
+        conv = sdsurgery.convert(model, drop_rate=0.5, example=ids, seed=0)
+    gates = sdsurgery.gates(conv)
+    assert len(gates) == 4 and all(g.masked for g in gates)
+    conv.train()
+    conv(**ids).logits.sum().backward()
+    conv.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sdsurgery.fold(conv, keep_scale=True)(**ids).logits, conv(**ids).logits,
+                                   rtol=1e-5, atol=1e-6)
