@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import sdsurgery
+from conftest import replay_keeps
 
 import transformers as T  # a test dependency (pyproject [test]); for users the [hf] extra
 
@@ -80,15 +81,8 @@ def test_transformers_models_convert_skip_and_fold(name, tmp_path):
         torch.testing.assert_close(conv.eval()(**example)[0], ref[0], rtol=1e-5, atol=1e-6)
         sdsurgery.set_drop_rate(conv, 0.5)
     # Skipping, counted: every conv / linear of a branch runs exactly when its gate keeps it.
-    ctrl = sdsurgery.controller(conv)
-    state = ctrl.generator.get_state()
+    kept = replay_keeps(conv, 8)
     counts = _module_calls(conv, example, steps=8)
-    ctrl.generator.set_state(state)
-    kept = collections.Counter()
-    for _ in range(8):
-        for g in gates:  # block mode: one draw per gate per forward, in call order
-            if not torch.rand((), generator=ctrl.generator).item() < g.drop_prob:
-                kept[g.name] += 1
     assert 0 < sum(kept.values()) < 8 * len(gates)
     checked = 0
     for r in residuals:

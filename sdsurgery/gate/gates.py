@@ -276,23 +276,24 @@ class GateHook:
 
 
 # ------------------------------------------------------------------------- model helpers
-def converted_parts(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def converted_parts(model: nn.Module, *, required: bool = False) -> list[tuple[str, nn.Module]]:
     """The converted modules of ``model`` by path: ``[("", model)]`` when ``model`` itself was
     converted, else the submodules ``convert(..., inplace=True)`` was called on (a detector's
-    ``backbone.body``)."""
+    ``backbone.body``). With ``required``, none is a :class:`NotConvertedError`."""
     if CONTROLLER_ATTR in model.__dict__:
         return [("", model)]
-    return [(n, m) for n, m in model.named_modules() if CONTROLLER_ATTR in m.__dict__]
+    parts = [(n, m) for n, m in model.named_modules() if CONTROLLER_ATTR in m.__dict__]
+    if required and not parts:
+        raise NotConvertedError(f"{type(model).__name__} carries no stochastic-depth gates; "
+                                f"convert it first with sdsurgery.convert(model)")
+    return parts
 
 
 def controller_of(model: nn.Module) -> GateController:
     """The controller of ``model``, or of the one converted submodule it holds."""
-    parts = converted_parts(model)
+    parts = converted_parts(model, required=True)
     if len(parts) == 1:
         return parts[0][1].__dict__[CONTROLLER_ATTR]
-    if not parts:
-        raise NotConvertedError(f"{type(model).__name__} carries no stochastic-depth gates; "
-                                f"convert it first with sdsurgery.convert(model)")
     raise NotConvertedError(f"{type(model).__name__} holds {len(parts)} converted submodules "
                             f"({', '.join(repr(n) for n, _ in parts)}), each with its own "
                             f"controller; ask each of them")
@@ -306,9 +307,6 @@ def is_converted(model: nn.Module) -> bool:
 def installed_gates(model: nn.Module) -> list[StochasticDepthGate]:
     """The gates of a converted model (or of the converted submodules it holds), in depth
     order within each."""
-    parts = converted_parts(model)
-    if not parts:
-        controller_of(model)  # raises the one-line error
-    return [g for _, part in parts
+    return [g for _, part in converted_parts(model, required=True)
             for g in sorted((m for m in part.modules() if isinstance(m, StochasticDepthGate)),
                             key=lambda g: g.index)]

@@ -139,8 +139,11 @@ def _cut(graph: fx.Graph, block: nn.Module, owner: str, k: int, r: Residual, add
         branch_fn, inputs, branch = _masked_branch, [whole or f], []
         masked = (f"{e}: it is a slice of a value concatenated back, so all of that value is "
                   f"masked" if whole is not None else str(e))
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    anchor = add if whole is None else min(whole.users, key=lambda u: order[u])
+    if whole is None:
+        anchor = add
+    else:  # the first user of the whole value, in graph order
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        anchor = min(whole.users, key=lambda u: order[u])
     with graph.inserting_before(anchor):
         fn_node = graph.get_attr(fn_attr)
         gate_node = graph.call_module(gate_attr, (fn_node, s if whole is None else None, *inputs))

@@ -153,10 +153,7 @@ def gates(model: nn.Module) -> list[StochasticDepthGate]:
 def set_drop_rate(model: nn.Module, drop_rate: float) -> None:
     """Re-spread a new ``drop_rate`` over the gates with the schedule given to ``convert``
     (custom schedules are rescaled so their largest probability becomes ``drop_rate``)."""
-    parts = converted_parts(model)
-    if not parts:
-        controller_of(model)  # raises the one-line error
-    for _, part in parts:
+    for _, part in converted_parts(model, required=True):
         controller_of(part).set_drop_rate(drop_rate)
 
 
