@@ -14,6 +14,13 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
+def _defer_sigint(signum, frame):
+    # While torch and its extensions import: a KeyboardInterrupt raised inside a C++ callback
+    # aborts the process ("terminate called ... pybind11::error_already_set"); note it instead.
+    global _interrupted
+    _interrupted = True
+
+
 def interrupted() -> bool:
     """Whether Ctrl-C was pressed. An import cut short by it can fail later with another error
     (numpy half-imported: RecursionError); such errors are reported as the interruption."""
@@ -28,11 +35,15 @@ def run() -> None:
         # torch's C++ warnings (DDP's find_unused_parameters notice) once, from the main rank
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     try:
-        signal.signal(signal.SIGINT, _on_sigint)
+        signal.signal(signal.SIGINT, _defer_sigint)
     except ValueError:  # not the main thread
         pass
     try:
         from sdsurgery_cli.main import main
+        if _interrupted:
+            raise KeyboardInterrupt
+        if signal.getsignal(signal.SIGINT) is _defer_sigint:
+            signal.signal(signal.SIGINT, _on_sigint)
         main()
     except SystemExit:
         raise

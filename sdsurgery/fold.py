@@ -75,7 +75,15 @@ _AFFINE_FUNCTIONS: dict[object, tuple[str, ...]] = {
     F.linear: ("weight", "bias"), F.conv1d: ("weight", "bias"), F.conv2d: ("weight", "bias"),
     F.conv3d: ("weight", "bias"), F.batch_norm: ("weight", "bias"),
     F.layer_norm: ("weight", "bias"), F.group_norm: ("weight", "bias"), F.rms_norm: ("weight",),
+    torch.addmm: ("input", "mat2"),  # bias + x @ weight (transformers' GPT-2 Conv1D)
 }
+
+
+def _linear(input, weight, bias=None): ...  # noqa: A002 - signatures of builtins
+def _addmm(input, mat1, mat2, *, beta=1, alpha=1): ...  # noqa: A002
+
+
+_BUILTIN_SIGNATURES = {F.linear: inspect.signature(_linear), torch.addmm: inspect.signature(_addmm)}
 _AFFINE_FUNCTION_NAMES = {"shifted_window_attention": ("proj_weight", "proj_bias")}
 _STANDARD_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.Linear.forward,
                       nn.LayerNorm.forward, nn.GroupNorm.forward,
@@ -237,7 +245,8 @@ def _walk(start: fx.Node, an: "GraphFacts") -> tuple[str, tuple[str, ...]]:
             if cur.op == "call_function" and (target in _AFFINE_FUNCTIONS or fname in _AFFINE_FUNCTION_NAMES):
                 names = _AFFINE_FUNCTIONS.get(target) or _AFFINE_FUNCTION_NAMES[fname]
                 try:
-                    bound = inspect.signature(target).bind(*cur.args, **cur.kwargs)
+                    sig = _BUILTIN_SIGNATURES.get(target) or inspect.signature(target)
+                    bound = sig.bind(*cur.args, **cur.kwargs)
                 except (TypeError, ValueError):
                     raise _Blocked(f"cannot read the arguments of {describe(cur)}") from None
                 params = []

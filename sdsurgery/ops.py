@@ -133,7 +133,7 @@ _PROJECTION_FUNCTIONS = {
     operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose,
     torch.amax, torch.mean,
 }
-_MIXING_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear}
+_MIXING_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.addmm}  # addmm: bias + x @ W
 _IDENTITY_METHODS = {"contiguous", "clone", "to", "type_as", "float", "half", "bfloat16"}
 _PROJECTION_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "unsqueeze",
                        "squeeze", "expand", "repeat",

@@ -139,3 +139,30 @@ def test_branches_ending_in_rms_norm_fold_into_its_weight():
     x = torch.randn(4, 8)
     with torch.no_grad():
         assert _rel(sdsurgery.fold(converted)(x), converted(x)) <= 1e-5
+
+
+class _FunctionalLinear(nn.Module):
+    """Branches ending in ``F.linear`` and ``torch.addmm`` (GPT-2's Conv1D): builtins without a
+    Python signature, read through their documented ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
+        self.w2, self.b2 = nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8))
+
+    def forward(self, x):
+        x = x + torch.nn.functional.linear(torch.relu(x), self.w, self.b)
+        return x + torch.addmm(self.b2, torch.tanh(x), self.w2)
+
+
+def test_branches_ending_in_functional_linear_and_addmm_fold_into_their_parameters():
+    model = _FunctionalLinear().eval()
+    targets = [(r.fold_target, r.fold_params) for r in sdsurgery.find_residuals(model)]
+    assert targets == [("w", ("w", "b")), ("b2", ("b2", "w2"))]
+    conv = sdsurgery.convert(model, drop_rate=0.5, schedule="uniform").eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        folded = sdsurgery.fold(conv)
+        torch.testing.assert_close(folded(x), conv(x))
+        torch.testing.assert_close(folded.w, model.w * 0.5)
+        torch.testing.assert_close(folded.w2, model.w2 * 0.5)

@@ -40,18 +40,36 @@ CASES = {
         hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, drop_path_rate=0.2, num_labels=3)), "pixel_values", 3),
     "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], num_labels=3)), "pixel_values", 3),
+    # LayerDrop (Fan et al. 2019) on decoder LMs, trained without a KV cache
+    "gpt2": (lambda: _gpt2(use_cache=False), "input_ids", 4),
+    "llama": (lambda: _llama(use_cache=False), "input_ids", 4),
 }
+
+
+def _gpt2(use_cache):
+    return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                          use_cache=use_cache, bos_token_id=0, eos_token_id=0))
+
+
+def _llama(use_cache):
+    return T.LlamaForCausalLM(T.LlamaConfig(
+        vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=16, use_cache=use_cache))
 
 
 def _example(key):
     return {key: _x() if key == "pixel_values" else _ids()}
 
 
+def _counted(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Conv2d, T.pytorch_utils.Conv1D))
+
+
 def _module_calls(model: nn.Module, example: dict, steps: int) -> collections.Counter:
     """Calls of every conv / linear module over ``steps`` train forwards."""
     counts = collections.Counter()
     handles = [mod.register_forward_hook(lambda m, a, o, name=name: counts.update([name]))
-               for name, mod in model.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))]
+               for name, mod in model.named_modules() if _counted(mod)]
     model.train()
     for _ in range(steps):
         model(**example)
@@ -86,8 +104,10 @@ def test_transformers_models_convert_skip_and_fold(name, tmp_path):
     assert 0 < sum(kept.values()) < 8 * len(gates)
     checked = 0
     for r in residuals:
-        for m in r.modules:
-            if isinstance(conv.get_submodule(m), (nn.Linear, nn.Conv2d)):
+        # the branch's modules (GPT-2's Conv1D layers are traced through: those under its name)
+        under = {n for n, _ in conv.named_modules() if n.startswith(r.name + ".")} - set(r.shortcut_modules)
+        for m in set(r.modules) | under:
+            if _counted(conv.get_submodule(m)):
                 assert counts[m] == kept[r.name], (r.name, m, counts[m], kept[r.name])
                 checked += 1
     assert checked >= len(residuals)
@@ -142,33 +162,43 @@ def test_swinv2_residuals_are_found_in_its_size_specialised_trace():
     assert {r.code for r in an.rejected} == {"pos-embedding"}
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_decoder_lms_without_kv_cache_are_gated_by_masking(name):
-    """GPT-2 / Llama with ``use_cache=False`` (usual for training): all residuals found and
-    gated, honestly marked masked (their blocks are found in an example-specialised trace), and
-    the converted model still folds. With the default ``use_cache=True`` convert raises, naming
-    the blocks (the README's limits)."""
+@pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_decoder_lms_called_with_a_kv_cache_fall_back_to_masking(make):
+    """With the default ``use_cache=True`` the decoder layers are converted for calls without a
+    cache (how they are trained); a call with one (generation, or training with the cache on)
+    runs the layer's own forward with its gates at the branch tails: eval stays exact and
+    ``generate`` gives the folded model's tokens; training masks and says why."""
     ids = _example("input_ids")
-    if name == "gpt2":
-        def make(cache):
-            return T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
-                                                  n_head=2, use_cache=cache)).eval()
-    else:
-        def make(cache):
-            return T.LlamaForCausalLM(T.LlamaConfig(
-                vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-                use_cache=cache)).eval()
-    with pytest.raises(sdsurgery.NoResidualsError, match="no call of .* was traced"):
-        sdsurgery.convert(make(True), example=ids)
-    model = make(False)
-    with pytest.warns(UserWarning, match="gated by masking"):
-        conv = sdsurgery.convert(model, drop_rate=0.5, example=ids, seed=0)
+    model = make(True).eval()
+    conv = sdsurgery.convert(model, drop_rate=0.5, example=ids, seed=0)
     gates = sdsurgery.gates(conv)
-    assert len(gates) == 4 and all(g.masked for g in gates)
+    assert len(gates) == 4 and not any(g.masked for g in gates)
     conv.train()
-    conv(**ids).logits.sum().backward()
+    with pytest.warns(UserWarning, match=r"called with cache=<DynamicCache>.*masked, not skipped.*use_cache=False"):
+        conv(**ids).logits.sum().backward()
     conv.eval()
     with torch.no_grad():
-        torch.testing.assert_close(sdsurgery.fold(conv, keep_scale=True)(**ids).logits, conv(**ids).logits,
-                                   rtol=1e-5, atol=1e-6)
+        folded = sdsurgery.fold(conv)
+        torch.testing.assert_close(folded(**ids).logits, conv(**ids).logits, rtol=1e-5, atol=1e-6)
+        kw = dict(max_new_tokens=3, do_sample=False, pad_token_id=0)
+        assert torch.equal(conv.generate(ids["input_ids"], **kw), folded.generate(ids["input_ids"], **kw))
+
+
+def test_decoder_lm_with_padding_mask_skips_for_padded_and_unpadded_batches():
+    """Converted on a padded batch (the layers get a 4-d mask tensor: an input, not a
+    constant), calls with that mask, with none, and at another length all run the rewritten
+    layers (no masking fallback) and skip dropped branches."""
+    ids = _ids()
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    conv = sdsurgery.convert(_llama(False), drop_rate=0.5, schedule="uniform",
+                             example={"input_ids": ids, "attention_mask": mask}, seed=0)
+    for call in ({"input_ids": ids, "attention_mask": mask}, {"input_ids": ids}, {"input_ids": ids[:, :5]}):
+        kept = replay_keeps(conv, 4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            counts = _module_calls(conv, call, steps=4)
+        assert 0 < sum(kept.values()) < 4 * 4  # some dropped, some kept
+        for layer in ("model.layers.0", "model.layers.1"):
+            assert counts[f"{layer}.self_attn.q_proj"] == kept[f"{layer}.self_attn"], (call.keys(), layer)
+            assert counts[f"{layer}.mlp.down_proj"] == kept[f"{layer}.mlp"], (call.keys(), layer)

@@ -161,7 +161,7 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
         sub = _analyse_with(module, user_leaves, concrete, examples)
     except TraceError as e:
         why = _trace_why(e)
-        call = examples.of(module)
+        call = _without_cache(module, examples.of(module))
         sub = None
         if call is not None:  # its forward branches on sizes: specialise to the example's
             try:
@@ -211,6 +211,23 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
             specialised=r.specialised or fixed)))
     analysis.rejected.extend(replace(x, owner=prefix + x.owner if x.owner else path)
                              for x in sub.rejected)
+
+
+def _without_cache(module: nn.Module, call: tuple[tuple, dict] | None) -> tuple[tuple, dict] | None:
+    """The example call with ``use_cache=False`` when the forward takes ``use_cache``
+    (transformers' decoders): a key-value cache is for generation, training runs without one,
+    and a cache object cannot be traced."""
+    if call is None:
+        return None
+    try:
+        bound = inspect.signature(module.forward).bind(*call[0], **call[1])
+    except (TypeError, ValueError):
+        return call
+    if "use_cache" not in inspect.signature(module.forward).parameters or \
+            bound.arguments.get("use_cache") is False:
+        return call
+    bound.arguments["use_cache"] = False
+    return bound.args, bound.kwargs
 
 
 def _trace_why(e: TraceError) -> str:

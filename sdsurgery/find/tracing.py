@@ -31,7 +31,7 @@ from ..errors import TraceError, first_line
 from ..ops import drop_module_types
 from .standins import traceable_forward
 
-__all__ = ["LeafSpec", "ModuleCall", "FlatTrace", "resolve_leaves", "traceable",
+__all__ = ["LeafSpec", "Specialisation", "ModuleCall", "FlatTrace", "resolve_leaves", "traceable",
            "notrace_module_types", "trace_model", "trace_with_example", "split_call",
            "trace_block_on_example", "trace_block"]
 
@@ -44,6 +44,14 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 
+class Specialisation(dict):
+    """The constant arguments of a module call, by name, and the names of the extra keyword
+    arguments it passed through ``**kwargs`` (``extra_keywords``): a trace of the module makes
+    those explicit parameters (see :func:`explicit_signature`)."""
+
+    extra_keywords: tuple[str, ...] = ()
+
+
 @dataclass
 class ModuleCall:
     """How a module was called during the flat trace: which arguments were traced values."""
@@ -51,43 +59,53 @@ class ModuleCall:
     args: tuple
     kwargs: dict
 
-    def concrete_args(self, module: nn.Module) -> dict[str, Any] | None:
-        """Arguments of ``module.forward`` to specialise (the non-tensor ones), or None when the
-        call cannot be mapped onto the signature."""
+    def concrete_args(self, module: nn.Module) -> Specialisation | None:
+        """Arguments of ``module.forward`` to specialise, or None when the call cannot be
+        mapped onto the signature. Tensors (and tuples of them) are data, not constants, even
+        when a trace specialised to an example computed them (a decoder's ``position_ids``):
+        they stay inputs. Extra keyword arguments are named in ``extra_keywords``."""
         try:
             sig = inspect.signature(module.forward)
             bound = sig.bind(*self.args, **self.kwargs)
         except (TypeError, ValueError):
             return None
         bound.apply_defaults()
-        concrete: dict[str, Any] = {}
+        concrete = Specialisation()
         for name, param in sig.parameters.items():
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                if bound.arguments[name]:  # extra arguments fx cannot pass to a placeholder
-                    return None
-                continue  # none given (**kwargs of a HF layer called without extras)
             value = bound.arguments[name]
-            if not _contains_proxy(value):
+            if param.kind is param.VAR_POSITIONAL:
+                if value:  # extra positional arguments fx cannot pass to a placeholder
+                    return None
+                continue
+            if param.kind is param.VAR_KEYWORD:  # passed on by name: explicit parameters
+                if any(k in sig.parameters for k in value):
+                    return None
+                concrete.extra_keywords = tuple(value)
+                concrete.update((k, v) for k, v in value.items() if not _is_data(v))
+                continue
+            if not _is_data(value):
                 concrete[name] = value
         return concrete
 
 
-def _contains_proxy(value: Any) -> bool:
-    if isinstance(value, fx.Proxy):
+def _is_data(value: Any) -> bool:
+    """A traced value, a tensor, or a tuple / list / dict holding one."""
+    if isinstance(value, (fx.Proxy, torch.Tensor)):
         return True
     if isinstance(value, (list, tuple)):
-        return any(_contains_proxy(v) for v in value)
+        return any(_is_data(v) for v in value)
     if isinstance(value, dict):
-        return any(_contains_proxy(v) for v in value.values())
+        return any(_is_data(v) for v in value.values())
     return False
 
 
-def explicit_signature(fn: Callable) -> Callable:
+def explicit_signature(fn: Callable, extra_keywords: Sequence[str] = ()) -> Callable:
     """``fn`` itself, or, for a forward taking ``**kwargs`` or decorated (``functools.wraps``
     around ``(self, *args, **kwargs)``, as transformers 5 writes them), a function with the
     (wrapped) forward's named parameters that calls ``fn``: fx makes one placeholder per
-    parameter instead of a ``*args`` / ``**kwargs`` proxy that the code would unpack. Extra
-    keyword arguments are not passed on: a trace has none."""
+    parameter instead of a ``*args`` / ``**kwargs`` proxy that the code would unpack. Of the
+    extra keyword arguments, those named in ``extra_keywords`` become keyword-only parameters
+    passed on by name (the call being traced gave them); others are not passed on."""
     code = getattr(fn, "__code__", None)
     if code is None or not code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS) or \
             code.co_flags & inspect.CO_VARARGS and getattr(fn, "__wrapped__", None) is None:
@@ -105,7 +123,13 @@ def explicit_signature(fn: Callable) -> Callable:
         if p.default is not p.empty:
             namespace[f"_sd_default_{p.name}"] = p.default
             default = f"=_sd_default_{p.name}"
-        if p.kind is p.VAR_KEYWORD:  # a placeholder fx cannot unpack: the trace passes none
+        if p.kind is p.VAR_KEYWORD:  # a placeholder fx cannot unpack: made explicit, or none
+            extra = [k for k in extra_keywords if k.isidentifier() and k not in {q.name for q in params}]
+            if extra and not star:
+                decl.append("*")
+                star = True
+            decl.extend(f"{k}=None" for k in extra)  # fx writes placeholders positional
+            call.extend(f"{k}={k}" for k in extra)
             decl.append(f"**{p.name}")
         elif p.kind is p.KEYWORD_ONLY:
             if not star:
@@ -134,7 +158,9 @@ class _ExplicitRoot:
         standin = traceable_forward(root) if isinstance(root, nn.Module) else None
         if standin is not None and root_fn is type(root).forward:
             root_fn = standin
-        return super().create_args_for_root(explicit_signature(root_fn), is_module, concrete_args)
+        extra = getattr(concrete_args, "extra_keywords", ())
+        return super().create_args_for_root(explicit_signature(root_fn, extra), is_module,
+                                            dict(concrete_args) if concrete_args else concrete_args)
 
 
 class _SurgeryTracer(_ExplicitRoot, fx.Tracer):
@@ -427,7 +453,7 @@ def trace_model(model: nn.Module, leaf_modules: LeafSpec = (),
         tracer.concrete = concrete_args or {}
     with traceable(model):
         try:
-            graph = tracer.trace(model, concrete_args=concrete_args or None)
+            graph = tracer.trace(model, concrete_args=_given(concrete_args))
         except Exception as e:
             name, cls = tracer.failed_module or ("", type(model))
             raise _trace_failure(name, cls, e) from e
@@ -483,4 +509,9 @@ def trace_block(block: nn.Module, concrete_args: dict[str, Any] | None,
     with traceable(block):
         if train:
             block.training = True
-        return tracer.trace(block, concrete_args=concrete_args or None)
+        return tracer.trace(block, concrete_args=_given(concrete_args))
+
+
+def _given(concrete: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``concrete`` for fx: None when it specialises nothing and names no extra keyword."""
+    return concrete if concrete or getattr(concrete, "extra_keywords", ()) else None

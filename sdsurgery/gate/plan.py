@@ -122,6 +122,15 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
         rewrite = rewrite_block(block, owner, residuals, concrete, ft, add_count)
         if key is not None:
             cache[key] = rewrite
+    if concrete and (any(v is not None for v in concrete.values()) or concrete.extra_keywords) \
+            and all(r.tail is not None for r in residuals):
+        # Called with constants (a decoder layer: cache=None, use_cache=False) that a later
+        # call may not give (a KV cache in generation): such calls run the block's own
+        # forward, its gates hooked on the branch tails.
+        forward = guarded_forward(rewrite.forward, block, {}, concrete,
+                                  tuple(c.gate_attr for c in rewrite.cuts))
+        return _program_of(owner, rewrite, residuals, probs, ctrl, forward=forward,
+                           hooks=[r.tail for r in residuals])
     return _program_of(owner, rewrite, residuals, probs, ctrl)
 
 

@@ -205,7 +205,9 @@ def reads_training(block: nn.Module) -> bool:
     for cls in type(block).__mro__:
         if cls in (nn.Module, object):
             break
-        for value in vars(cls).values():
+        for attr, value in vars(cls).items():
+            if attr == "__call__":  # wraps forward (HF's gradient-checkpointing layers)
+                continue
             code = getattr(getattr(value, "__func__", value), "__code__", None)
             if code is not None and "training" in code.co_names:
                 return True
@@ -213,35 +215,44 @@ def reads_training(block: nn.Module) -> bool:
 
 
 def guarded_forward(rewritten: Callable, block: nn.Module, sizes: dict[str, tuple], concrete: dict[str, Any],
-             gate_attrs: tuple[str, ...]) -> Callable:
-    """``rewritten`` for calls with the example's ``sizes`` (but the batch) and ``concrete``
-    arguments; the block's own forward otherwise, its gates then acting through their hooks."""
+                    gate_attrs: tuple[str, ...]) -> Callable:
+    """``rewritten`` for calls like the traced one: inputs of the example's ``sizes`` (but the
+    batch), the same ``concrete`` arguments, the same extra keyword names; the block's own
+    forward otherwise, its gates then acting through their hooks (masking)."""
     sig = inspect.signature(block.forward)
+    varkw = next((p.name for p in sig.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+    extra = frozenset(getattr(concrete, "extra_keywords", ()))
     own = type(block).forward
     impl = rewritten.__wrapped_impl__  # type: ignore[attr-defined]
 
-    def matches(bound) -> bool:
+    def mismatch(bound) -> str | None:
         for name, value in bound.arguments.items():
-            if name in sizes:
-                if not isinstance(value, torch.Tensor) or tuple(value.shape[1:]) != sizes[name]:
-                    return False
-            elif name in concrete:
-                try:
-                    if not bool(value is concrete[name] or value == concrete[name]):
-                        return False
-                except Exception:
-                    return False
-        return True
+            if name == varkw:
+                if set(value) != extra:
+                    return f"extra keyword arguments {sorted(value)} (traced: {sorted(extra)})"
+                value = {k: v for k, v in value.items() if k in concrete}
+                checks = value.items()
+            else:
+                checks = [(name, value)]
+            for key, v in checks:
+                if key in sizes:
+                    if not isinstance(v, torch.Tensor) or tuple(v.shape[1:]) != sizes[key]:
+                        return f"{key} of size {_size_of(v)} (converted for (B, *{sizes[key]}))"
+                elif key in concrete and not _same(v, concrete[key]):
+                    return f"{key}={_short(v)} (converted for {key}={_short(concrete[key])})"
+        return None
 
     def forward(self, *args, **kwargs):
         bound = sig.bind(*args, **kwargs)
         bound.apply_defaults()
-        if not matches(bound):
+        why = mismatch(bound)
+        if why is not None:
             if self.training:
-                warnings.warn(f"sdsurgery: {type(self).__name__} called with sizes other than the "
-                              f"example's {sizes}: its dropped branches are masked, not skipped; "
-                              f"convert with example= an input of your training size",
-                              stacklevel=2)
+                hint = (" (transformers: train with use_cache=False)" if "cache" in why
+                        else "")
+                warnings.warn(f"sdsurgery: {type(self).__name__} called with {why}: its dropped "
+                              f"branches are masked, not skipped; convert with example= a call "
+                              f"like the ones you train with{hint}", stacklevel=2)
             return own(self, *args, **kwargs)
         gates = [getattr(self, a) for a in gate_attrs]
         for g in gates:
@@ -252,9 +263,25 @@ def guarded_forward(rewritten: Callable, block: nn.Module, sizes: dict[str, tupl
             for g in gates:
                 g.hook_bypass = False
 
-    forward.__doc__ = rewritten.__doc__ + " (for the example's sizes)"
+    forward.__doc__ = rewritten.__doc__ + " (for calls like the traced one)"
     forward.__wrapped_impl__ = impl  # type: ignore[attr-defined]
     return forward
+
+
+def _same(value: Any, expected: Any) -> bool:
+    try:
+        return bool(value is expected or value == expected)
+    except Exception:
+        return False
+
+
+def _short(value: Any) -> str:
+    return repr(value)[:40] if isinstance(value, (int, float, bool, str, type(None), tuple)) \
+        else f"<{type(value).__name__}>"
+
+
+def _size_of(value: Any) -> str:
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"<{type(value).__name__}>"
 
 
 def short_error(e: Exception) -> str:
