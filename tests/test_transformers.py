@@ -28,6 +28,8 @@ def _ids():
 
 _VIT = dict(image_size=32, patch_size=8, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=32)
+_TEXT = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+             max_position_embeddings=16)
 CASES = {
     "vit": (lambda: T.ViTForImageClassification(T.ViTConfig(**_VIT, num_labels=3)), "pixel_values", 4),
     "beit": (lambda: T.BeitForImageClassification(T.BeitConfig(**_VIT, num_labels=3, drop_path_rate=0.1,
@@ -40,6 +42,10 @@ CASES = {
         hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, drop_path_rate=0.2, num_labels=3)), "pixel_values", 3),
     "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], num_labels=3)), "pixel_values", 3),
+    # post-norm encoders: the adds sit in BertSelfOutput / BertOutput, the branches start in
+    # their callers (the owner is lifted, the child traced inline)
+    "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(**_TEXT, num_labels=3)), "input_ids", 4),
+    "roberta": (lambda: T.RobertaForMaskedLM(T.RobertaConfig(**_TEXT, pad_token_id=1)), "input_ids", 4),
     # LayerDrop (Fan et al. 2019) on decoder LMs, trained without a KV cache
     "gpt2": (lambda: _gpt2(use_cache=False), "input_ids", 4),
     "llama": (lambda: _llama(use_cache=False), "input_ids", 4),
@@ -105,7 +111,8 @@ def test_transformers_models_convert_skip_and_fold(name, tmp_path):
     checked = 0
     for r in residuals:
         # the branch's modules (GPT-2's Conv1D layers are traced through: those under its name)
-        under = {n for n, _ in conv.named_modules() if n.startswith(r.name + ".")} - set(r.shortcut_modules)
+        under = {n for n, _ in conv.named_modules()
+                 if any(n.startswith(p + ".") for p in (r.name, *r.modules))} - set(r.shortcut_modules)
         for m in set(r.modules) | under:
             if _counted(conv.get_submodule(m)):
                 assert counts[m] == kept[r.name], (r.name, m, counts[m], kept[r.name])
@@ -128,26 +135,27 @@ def test_transformers_models_convert_skip_and_fold(name, tmp_path):
         torch.testing.assert_close(again(**example)[0], folded(**example)[0])
 
 
-def test_bert_post_norm_branches_computed_by_the_caller_are_marked_masked():
+def test_bert_post_norm_branches_are_lifted_to_the_module_that_runs_them_whole():
     """BertOutput adds ``dense(h)`` to its input inside the child, ``h = intermediate(x)``
-    computed by BertLayer: a gate in BertOutput cannot skip the intermediate layer. Until the
-    owner is lifted to BertLayer, the gate says so (masked, with the reason) instead of
-    claiming a saving; the parts inside are still skipped and everything folds."""
-    model = T.BertForSequenceClassification(T.BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16, num_labels=3)).eval()
+    computed by BertLayer; BertAttention returns its attention weights beside the output
+    (BertLayer throws them away). The owners are lifted (BertLayer, with BertOutput and
+    BertAttention traced inline), so a drop skips the whole branch, attention included. Names
+    stay those of the modules that add."""
+    model = T.BertForSequenceClassification(T.BertConfig(**_TEXT, num_labels=3)).eval()
     example = _example("input_ids")
     residuals = sdsurgery.find_residuals(model, example=example)
-    assert len(residuals) == 4
-    outside = {r.name: r.outside for r in residuals}
-    assert outside["bert.encoder.layer.0.output"] == ("bert.encoder.layer.0.intermediate.dense",)
-    with pytest.warns(UserWarning, match="gated by masking"):
-        conv = sdsurgery.convert(model, drop_rate=0.5, example=example, seed=0)
-    masked = {g.name: g.masked for g in sdsurgery.gates(conv)}
-    assert "computed by the module that calls 'bert.encoder.layer.0.output'" in masked["bert.encoder.layer.0.output"]
-    conv.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(sdsurgery.fold(conv)(**example)[0], conv(**example)[0], rtol=1e-5, atol=1e-6)
+    assert [r.name for r in residuals] == [f"bert.encoder.layer.{i}.{m}" for i in (0, 1)
+                                           for m in ("attention.output", "output")]
+    assert {r.name: (r.owner, r.inline, r.outside) for r in residuals}["bert.encoder.layer.0.output"] == \
+        ("bert.encoder.layer.0", ("output",), ())
+    conv = sdsurgery.convert(model, drop_rate=0.5, example=example, seed=0)
+    gates = {g.name: g for g in sdsurgery.gates(conv)}
+    assert not any(g.masked for g in gates.values())
+    assert "bert.encoder.layer.0.attention.self" in gates["bert.encoder.layer.0.attention.output"].skips
+    assert "bert.encoder.layer.0.intermediate" in gates["bert.encoder.layer.0.output"].skips
+    layer = conv.bert.encoder.layer[0]
+    assert {n for n, m in layer.named_children() if isinstance(m, sdsurgery.StochasticDepthGate)} == \
+        {"sd_gate_0", "sd_gate_1"}  # both gates in BertLayer, BertAttention traced inline
 
 
 def test_swinv2_residuals_are_found_in_its_size_specialised_trace():

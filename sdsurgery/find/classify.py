@@ -21,7 +21,8 @@ add as shortcut + branch), :mod:`.rules` (named rejections); this one puts them 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Sequence
 
 import torch.fx as fx
@@ -66,9 +67,13 @@ class Residual:
             drop-path slot), or None; a gate can hook it when the owner cannot be rewritten.
         specialised: found in a trace specialised to an example's sizes (the owner's forward
             branches on them), so the owner is gated through ``tail``, never rewritten.
-        outside: modules of the branch that the owner's caller runs, not the owner (BERT's
-            ``BertOutput`` adds ``dense(h)`` to its input, ``h`` computed by ``BertLayer``):
-            a gate in the owner cannot skip them.
+        outside: modules of the branch that the owner's caller runs, not the owner, when the
+            owner could not be lifted (see ``inline``): a gate in the owner cannot skip them.
+        inline: submodules of ``owner`` (paths relative to it) to trace into when the owner is
+            traced on its own. Set when the add sits in a child that the branch starts outside
+            of (BERT's ``BertOutput`` adds ``dense(h)`` to its input, ``h = intermediate(x)``
+            computed by ``BertLayer``): the owner is lifted to the module that runs the whole
+            branch (``BertLayer``) and the child is traced inline, so a drop skips all of it.
     """
 
     name: str
@@ -87,6 +92,7 @@ class Residual:
     tail: str | None = field(repr=False, default=None)
     specialised: bool = field(repr=False, default=False)
     outside: tuple[str, ...] = field(repr=False, default=())
+    inline: tuple[str, ...] = field(repr=False, default=())
 
     def __repr__(self) -> str:  # one line, readable in a list
         fold = self.fold_target if self.fold_target else f"<not foldable: {self.fold_blocker}>"
@@ -144,8 +150,9 @@ def classify(ft: FlatTrace) -> Analysis:
             f"that block, not on its own"), "nested"))
     found = [c for i, c in enumerate(found) if i not in nested]
     residuals = _residuals(facts, found, owner_adds)
-    return Analysis(residuals=residuals, rejected=rejected, trace=ft,
-                    add_counts={o: len(ns) for o, ns in owner_adds.items()},
+    add_counts = {o: len(ns) for o, ns in owner_adds.items()}
+    residuals = _lift(residuals, found, owner_adds, facts, add_counts)
+    return Analysis(residuals=residuals, rejected=rejected, trace=ft, add_counts=add_counts,
                     order=[facts.index[c.add] for c in found])
 
 
@@ -192,6 +199,82 @@ def _residuals(facts: GraphFacts, found: list[Candidate],
             outside=tuple(m for m in branch_modules
                           if c.owner and m != c.owner and not m.startswith(c.owner + "."))))
     return out
+
+
+def _lift(residuals: list[Residual], found: list[Candidate], owner_adds: dict[str, list[fx.Node]],
+          facts: GraphFacts, add_counts: dict[str, int]) -> list[Residual]:
+    """Move the owner of a residual up, with the modules in between traced inline (see
+    ``Residual.inline``), when its branch starts outside it (to the innermost module that runs
+    the whole branch), or when part of the branch's computation is also returned by the owner
+    and thrown away by its caller (BERT's attention returns its weights, BertLayer drops them:
+    one module up, where it is dead). Residuals owned by a module that gets traced inline move
+    with it. ``add_position`` then counts the adds of the lifted owner's trace, and
+    ``add_counts`` gets the lifted owners' counts."""
+    owners = [r.owner for r in residuals]
+    inline: dict[str, set[str]] = {}
+    for i, r in enumerate(residuals):
+        lifted = _common_module(r.owner, *r.modules) if r.outside else r.owner
+        if lifted and _returns_dropped_parts(found[i]):
+            lifted = lifted.rpartition(".")[0]
+        if lifted != r.owner:
+            owners[i] = lifted
+            inline.setdefault(lifted, set()).update(_chain(lifted, r.owner))
+    changed = True
+    while changed:  # a residual owned by a module now traced inline moves up with it
+        changed = False
+        for lifted in list(inline):
+            members = {_join(lifted, p) for p in inline.get(lifted, ())}
+            for i, owner in enumerate(owners):
+                if owner in members:
+                    owners[i], changed = lifted, True
+                    if owner in inline:  # its own inline modules come along
+                        inline[lifted] |= {f"{_rel(lifted, owner)}.{q}" for q in inline.pop(owner)}
+    out = []
+    for i, r in enumerate(residuals):
+        lifted = owners[i]
+        if lifted not in inline:
+            out.append(r)
+            continue
+        scope = {lifted} | {_join(lifted, p) for p in inline[lifted]}
+        scope_adds = sorted((n for o in scope for n in owner_adds.get(o, ())), key=facts.index.__getitem__)
+        add_counts[lifted] = len(scope_adds)
+        out.append(replace(r, owner=lifted, inline=tuple(sorted(inline[lifted])), outside=(),
+                           add_position=scope_adds.index(found[i].add)))
+    return out
+
+
+def _returns_dropped_parts(c: Candidate) -> bool:
+    """A value computed with the branch has a part nobody uses (``out, _ = attention(x)``): in
+    a trace of the module that returns it, it would be used, so the branch could not be cut."""
+    branch = set(c.branch)
+    return any(u not in branch and u is not c.add and u.op == "call_function"
+               and u.target is operator.getitem and not u.users
+               for n in c.branch for u in n.users)
+
+
+def _join(owner: str, rel: str) -> str:
+    return f"{owner}.{rel}" if owner else rel
+
+
+def _rel(owner: str, path: str) -> str:
+    return path[len(owner) + 1:] if owner else path
+
+
+def _common_module(*paths: str) -> str:
+    """The innermost module whose path is a prefix of every one of ``paths``."""
+    parts = [p.split(".") if p else [] for p in paths]
+    common = []
+    for names in zip(*parts):
+        if len(set(names)) != 1:
+            break
+        common.append(names[0])
+    return ".".join(common)
+
+
+def _chain(owner: str, inner: str) -> list[str]:
+    """The modules from ``owner`` (exclusive) down to ``inner``, relative to ``owner``."""
+    parts = _rel(owner, inner).split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
 
 
 def _tail(f: fx.Node, ft: FlatTrace) -> str | None:

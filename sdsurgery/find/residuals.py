@@ -201,7 +201,8 @@ def _search_module(analysis: Analysis, path: str, module: nn.Module, concrete: d
         fixed = specialised and bool(r.owner) and not _size_free(sub.trace, r.owner)
         found.append((pos, replace(
             r, owner=owner, modules=mods,
-            name=residual_name(owner, mods, ft.modules, per_owner[r.owner] > 1, r.add_position),
+            name=(prefix + r.name if r.inline and r.name else
+                  residual_name(owner, mods, ft.modules, per_owner[r.owner] > 1, r.add_position)),
             shortcut_modules=tuple(prefix + m for m in r.shortcut_modules),
             fold_target=prefix + r.fold_target if r.fold_target else None,
             fold_params=tuple(prefix + p for p in r.fold_params),

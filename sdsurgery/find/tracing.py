@@ -151,7 +151,15 @@ def explicit_signature(fn: Callable, extra_keywords: Sequence[str] = ()) -> Call
 
 class _ExplicitRoot:
     """Traces a root through its registered stand-in (:mod:`.standins`), or a decorated root
-    forward through :func:`explicit_signature`."""
+    forward through :func:`explicit_signature`; traces through modules made inside a forward
+    (``nn.ReLU()(x)``, DistilBERT's head), which have no path to be called by."""
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            self.path_of_module(m)  # type: ignore[attr-defined]
+        except NameError:
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)  # type: ignore[misc]
 
     def create_args_for_root(self, root_fn, is_module, concrete_args=None):
         root = getattr(self, "root", None)
@@ -185,7 +193,10 @@ class _SurgeryTracer(_ExplicitRoot, fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
-        name = self.path_of_module(m)
+        try:
+            name = self.path_of_module(m)
+        except NameError:  # made inside a forward: traced through (see _ExplicitRoot)
+            return forward(*args, **kwargs)
         self.calls.setdefault(name, []).append(ModuleCall(tuple(args), dict(kwargs)))
         standin = traceable_forward(m)
         if standin is not None and not self.is_leaf_module(m, name):
@@ -334,14 +345,16 @@ class _ShapeTracer(_RunsExamples, _SurgeryTracer):
 
 
 class _BlockTracer(_ExplicitRoot, fx.Tracer):
-    """Traces one module's own forward: every child module is a leaf."""
+    """Traces one module's own forward: every child module is a leaf, but those named in
+    ``inline`` (paths relative to the module), whose forwards are traced into."""
 
-    def __init__(self, autowrap_functions: tuple[Callable, ...]):
+    def __init__(self, autowrap_functions: tuple[Callable, ...], inline: Sequence[str] = ()):
         super().__init__(autowrap_modules=(math,), autowrap_functions=autowrap_functions)
         self.proxy_buffer_attributes = True
+        self.inline = frozenset(inline)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return True
+        return module_qualified_name not in self.inline
 
 
 @dataclass
@@ -502,13 +515,15 @@ def trace_block_on_example(block: nn.Module, concrete: dict[str, Any], tensors: 
 
 
 def trace_block(block: nn.Module, concrete_args: dict[str, Any] | None,
-                autowrap_functions: Sequence[Callable] = (), train: bool = False) -> fx.Graph:
-    """Trace ``block``'s own forward with every child module a leaf (in eval mode, or in
-    train mode to check that the block's own code does not depend on it)."""
-    tracer = _BlockTracer(tuple(autowrap_functions))
+                autowrap_functions: Sequence[Callable] = (), train: bool = False,
+                inline: Sequence[str] = ()) -> fx.Graph:
+    """Trace ``block``'s own forward with every child module a leaf but those in ``inline``
+    (in eval mode, or in train mode to check that the code traced does not depend on it)."""
+    tracer = _BlockTracer(tuple(autowrap_functions), inline)
     with traceable(block):
         if train:
-            block.training = True
+            for m in [block] + [block.get_submodule(p) for p in inline]:
+                m.training = True
         return tracer.trace(block, concrete_args=_given(concrete_args))
 
 

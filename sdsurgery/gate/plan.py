@@ -9,14 +9,16 @@ it was.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch.nn as nn
 
 from .._compat import children_of
+from ..find.graph import owner_of
 from ..find.residuals import Analysis, Residual
-from ..find.tracing import FlatTrace, split_call, trace_block_on_example
+from ..ops import is_add_call
+from ..find.tracing import FlatTrace, split_call, trace_block, trace_block_on_example
 from .gates import GateController, GateSpec, StochasticDepthGate
 from .rewrite import (Rewrite, Skip, Untraceable, guarded_forward, reads_training, rewrite_block,
                       short_error, structure_key)
@@ -61,11 +63,9 @@ def prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], probs
     """A program for each block owning residuals in ``chosen``, and the (name, why) of the
     residuals that cannot be gated. Touches nothing in ``target``."""
     ft = analysis.trace
-    by_owner: dict[str, list[Residual]] = {}
-    for r in chosen:
-        by_owner.setdefault(r.owner, []).append(r)
-    programs, skipped = [], []
     cache: dict[Any, Rewrite] = {}
+    by_owner = _lift_partial(target, analysis, chosen, cache)
+    programs, skipped = [], []
     for owner, rs in by_owner.items():
         untraceable = None
         if any(r.specialised for r in rs):
@@ -73,7 +73,7 @@ def prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], probs
         while rs and untraceable is None:
             try:
                 programs.append(_program(target, owner, rs, probs, ctrl, ft,
-                                         analysis.add_counts.get(owner, 0), cache))
+                                         _add_count(analysis, owner, rs), cache))
                 break
             except Untraceable as e:
                 untraceable = str(e)
@@ -96,9 +96,96 @@ def prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], probs
     return programs, skipped
 
 
-def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
-             ctrl: GateController, ft: FlatTrace, add_count: int,
-             cache: dict[Any, Rewrite]) -> Program:
+def _groups(residuals: list[Residual]) -> dict[str, list[Residual]]:
+    by_owner: dict[str, list[Residual]] = {}
+    for r in residuals:
+        by_owner.setdefault(r.owner, []).append(r)
+    return by_owner
+
+
+def _lift_partial(target: nn.Module, analysis: Analysis, chosen: list[Residual],
+                  cache: dict[Any, Rewrite]) -> dict[str, list[Residual]]:
+    """The residuals by owner, where a block whose rewrite can cut only part of a branch out
+    (the rest is also returned by the block: BERT's attention returns its weights, which
+    BertLayer throws away) is traced inline in its parent instead, when the parent's rewrite
+    then cuts every branch whole."""
+    groups = _groups(chosen)
+    for owner, rs in list(groups.items()):
+        if not owner or owner not in groups or any(r.specialised for r in rs):
+            continue
+        if not any(_partial(target, c, r, owner) for c, r in zip(_trial(target, owner, rs, analysis, cache), rs)):
+            continue
+        parent, child = owner.rpartition(".")[0], owner.rpartition(".")[2] if "." in owner else owner
+        inline = {child, *(f"{child}.{p}" for p in rs[0].inline)}
+        inline |= set(groups[parent][0].inline) if parent in groups else set()
+        moved = _relocate(target, analysis, groups.get(parent, []) + rs, parent, tuple(sorted(inline)))
+        if moved is None:
+            continue
+        cuts = _trial(target, parent, moved, analysis, cache)
+        if len(cuts) == len(moved) and not any(_partial(target, c, r, parent) for c, r in zip(cuts, moved)):
+            groups.pop(owner)
+            groups[parent] = moved
+    return groups
+
+
+def _trial(target: nn.Module, owner: str, rs: list[Residual], analysis: Analysis,
+           cache: dict[Any, Rewrite]) -> list:
+    try:
+        return _rewrite_for(target, owner, rs, analysis.trace, _add_count(analysis, owner, rs), cache)[0].cuts
+    except Skip:
+        return []
+
+
+def _partial(target: nn.Module, cut, r: Residual, owner: str) -> bool:
+    """The cut leaves in the block a module of the branch that has parameters."""
+    have = [f"{owner}.{m}" if owner else m for m in cut.modules]
+    return any(m.startswith(owner + ".") and any(True for _ in target.get_submodule(m).parameters())
+               and not any(m == h or m.startswith(h + ".") for h in have) for m in r.modules)
+
+
+def _relocate(target: nn.Module, analysis: Analysis, rs: list[Residual], owner: str,
+              inline: tuple[str, ...]) -> list[Residual] | None:
+    """``rs`` owned by ``owner`` with ``inline``: their adds found in that trace by the module
+    that made them (None when it cannot be traced so)."""
+    calls = analysis.trace.calls.get(owner, [])
+    block = target.get_submodule(owner)
+    concrete = calls[0].concrete_args(block) if len(calls) == 1 else None
+    if concrete is None:
+        return None
+    try:
+        graph = trace_block(block, concrete, analysis.trace.autowrap_functions, inline=inline)
+    except Exception:
+        return None
+    adds = [n for n in graph.nodes if is_add_call(n)]
+
+    def scope(o: str, inl: tuple[str, ...]) -> list:
+        names = {o} | {f"{o}.{p}" if o else p for p in inl}
+        return [n for n in adds if owner_of(n) in names]
+
+    whole = scope("", inline)
+    out = []
+    for r in rs:
+        mine = scope(r.owner[len(owner) + 1:] if owner else r.owner, r.inline)
+        if r.owner != owner and not r.owner.startswith(owner + ".") or r.add_position >= len(mine):
+            return None
+        out.append(replace(r, owner=owner, inline=inline, add_position=whole.index(mine[r.add_position])))
+    analysis.add_counts[_scope_key(owner, inline)] = len(whole)
+    return out
+
+
+def _scope_key(owner: str, inline: tuple[str, ...]) -> str:
+    return f"{owner} with {', '.join(inline)} inline"  # not a module path
+
+
+def _add_count(analysis: Analysis, owner: str, rs: list[Residual]) -> int:
+    """How many adds the owner's trace shows (with its residuals' inline modules)."""
+    return analysis.add_counts.get(_scope_key(owner, rs[0].inline), analysis.add_counts.get(owner, 0))
+
+
+def _rewrite_for(target: nn.Module, owner: str, residuals: list[Residual], ft: FlatTrace, add_count: int,
+                 cache: dict[Any, Rewrite]) -> tuple[Rewrite, Any]:
+    """The rewrite of ``owner`` for ``residuals`` (shared by blocks of one structure) and the
+    constants of its call."""
     block = target.get_submodule(owner)
     if "forward" in block.__dict__:
         raise Skip(f"'{owner}' already has a patched forward")
@@ -116,12 +203,20 @@ def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: li
         if concrete is None:
             raise Skip(f"cannot map the call of '{owner}' onto its forward signature")
     specs = tuple((r.add_position, r.branch_operand) for r in residuals)
-    key = structure_key(block, concrete, specs, add_count)
+    key = structure_key(block, concrete, specs, add_count, residuals[0].inline)
     rewrite = cache.get(key) if key is not None else None
     if rewrite is None:
         rewrite = rewrite_block(block, owner, residuals, concrete, ft, add_count)
         if key is not None:
             cache[key] = rewrite
+    return rewrite, concrete
+
+
+def _program(target: nn.Module, owner: str, residuals: list[Residual], probs: list[float],
+             ctrl: GateController, ft: FlatTrace, add_count: int,
+             cache: dict[Any, Rewrite]) -> Program:
+    block = target.get_submodule(owner)
+    rewrite, concrete = _rewrite_for(target, owner, residuals, ft, add_count, cache)
     if concrete and (any(v is not None for v in concrete.values()) or concrete.extra_keywords) \
             and all(r.tail is not None for r in residuals):
         # Called with constants (a decoder layer: cache=None, use_cache=False) that a later

@@ -84,7 +84,8 @@ def rewrite_block(block: nn.Module, owner: str, residuals: list[Residual],
     """Trace ``block`` alone (or take ``graph``, its trace on an example call), cut each
     residual's branch out into a function and replace its add by a gate call; raise
     :class:`Skip` when that cannot be done safely."""
-    graph = _trace_alone(block, owner, concrete, ft, graph)
+    inline = residuals[0].inline if residuals else ()
+    graph = _trace_alone(block, owner, concrete, ft, graph, inline)
     redirect_inplace_adds(graph)
     drop_dead_getitems(graph)
     adds = [n for n in graph.nodes if is_add_call(n)]
@@ -102,12 +103,14 @@ def rewrite_block(block: nn.Module, owner: str, residuals: list[Residual],
 
 
 def _trace_alone(block: nn.Module, owner: str, concrete: dict[str, Any] | None, ft: FlatTrace,
-                 graph: fx.Graph | None) -> fx.Graph:
+                 graph: fx.Graph | None, inline: tuple[str, ...] = ()) -> fx.Graph:
     try:
         if graph is None:
-            graph = trace_block(block, concrete, ft.autowrap_functions)
-        if reads_training(block):
-            train_graph = trace_block(block, concrete, ft.autowrap_functions, train=True)
+            graph = trace_block(block, concrete, ft.autowrap_functions, inline=inline)
+        elif inline:
+            raise Skip(f"'{owner}' would be traced on an example with {inline[0]!r} inline")
+        if any(reads_training(m) for m in [block] + [block.get_submodule(p) for p in inline]):
+            train_graph = trace_block(block, concrete, ft.autowrap_functions, train=True, inline=inline)
             if graph.python_code("self").src != train_graph.python_code("self").src:
                 raise Skip(f"the forward of '{owner}' itself behaves differently in training "
                            f"and eval")
@@ -163,7 +166,8 @@ def _cut(graph: fx.Graph, block: nn.Module, owner: str, k: int, r: Residual, add
 
 _SIMPLE = (int, float, bool, str, type(None))
 
-def structure_key(block: nn.Module, concrete: dict[str, Any] | None, specs: tuple, add_count: int):
+def structure_key(block: nn.Module, concrete: dict[str, Any] | None, specs: tuple, add_count: int,
+                  inline: tuple[str, ...] = ()):
     """What a block's traced graph can depend on, or None when that cannot be told safely."""
     attrs = _simple_attrs(block)
     if attrs is None:
@@ -171,12 +175,15 @@ def structure_key(block: nn.Module, concrete: dict[str, Any] | None, specs: tupl
     # The block's code may also read its children's settings (`self.conv.stride`): one level.
     children = tuple((n, type(m), _simple_attrs(m, strict=False)) for n, m in children_of(block).items())
     try:
-        concrete_key = tuple(sorted((k, v) for k, v in (concrete or {}).items()))
+        concrete_key = (tuple(sorted((k, v) for k, v in (concrete or {}).items())),
+                        getattr(concrete, "extra_keywords", ()))
         hash(concrete_key)
     except TypeError:
         return None
+    inline = tuple((p, type(block.get_submodule(p)), _simple_attrs(block.get_submodule(p), strict=False))
+                   for p in inline)
     return (type(block), concrete_key, specs, add_count, tuple(attrs),
-            children,
+            children, inline,
             tuple((n, None if p is None else tuple(p.shape)) for n, p in parameters_of(block).items()),
             tuple((n, None if b is None else tuple(b.shape)) for n, b in buffers_of(block).items()))
 
@@ -334,7 +341,7 @@ def _cut_branch(graph: fx.Graph, block: nn.Module, add: fx.Node, f: fx.Node, s: 
     sub = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for i in inputs:
-        env[i] = sub.placeholder(i.name)
+        env[i] = sub.placeholder(i.name if i.name != "self" else "self_value")  # `self`: the module
     for n in branch:
         env[n] = sub.node_copy(n, lambda x: env[x])
     sub.output(env[f])
@@ -373,13 +380,19 @@ def _has_params(node: fx.Node, block: nn.Module) -> bool:
 
 def compile_graph(graph: fx.Graph, label: str) -> Callable:
     """Generated Python for ``graph`` as a function ``forward(self, *inputs)``."""
-    code = graph.python_code(root_module="self")
+    # The module is `self` in the code, unless a node has that name (BertAttention's child
+    # module `self`): then the module is `self_`.
+    root = "self_" if any(n.name == "self" for n in graph.nodes) else "self"
+    code = graph.python_code(root_module=root)
     src, namespace = code.src, dict(code.globals)
+    if root != "self":  # fx writes `def forward(self, ...` whatever the root's name
+        src = src.replace("def forward(self", f"def forward({root}", 1)
     info = pytree_info(graph)
     if info is not None:
         # Blocks called with tuples / dicts get pytree-flattening code that reads the specs from
         # a GraphModule's attributes; hand them to the function instead (the block has none).
-        src = src.replace(SPEC_ATTRS[0], "_sd_in_spec").replace(SPEC_ATTRS[1], "_sd_out_spec")
+        spec = tuple(a.replace("self.", root + ".", 1) for a in SPEC_ATTRS)
+        src = src.replace(spec[0], "_sd_in_spec").replace(spec[1], "_sd_out_spec")
         namespace["_sd_in_spec"], namespace["_sd_out_spec"] = info.in_spec, info.out_spec
     key = f"<sdsurgery {label} {uuid.uuid4().hex[:8]}>"
     # Registered with linecache so tracebacks, inspect and torch.compile see the source.
