@@ -42,6 +42,9 @@ CASES = {
         hidden_sizes=[8, 16], depths=[1, 2], num_stages=2, drop_path_rate=0.2, num_labels=3)), "pixel_values", 3),
     "resnet": (lambda: T.ResNetForImageClassification(T.ResNetConfig(
         embedding_size=8, hidden_sizes=[8, 16], depths=[1, 2], num_labels=3)), "pixel_values", 3),
+    "swinv2": (lambda: T.Swinv2ForImageClassification(T.Swinv2Config(
+        image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4,
+        num_labels=3, drop_path_rate=0.1)), "pixel_values", 4),
     # post-norm encoders: the adds sit in BertSelfOutput / BertOutput, the branches start in
     # their callers (the owner is lifted, the child traced inline)
     "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(**_TEXT, num_labels=3)), "input_ids", 4),
@@ -158,16 +161,29 @@ def test_bert_post_norm_branches_are_lifted_to_the_module_that_runs_them_whole()
         {"sd_gate_0", "sd_gate_1"}  # both gates in BertLayer, BertAttention traced inline
 
 
-def test_swinv2_residuals_are_found_in_its_size_specialised_trace():
-    """Swinv2Layer's forward branches on sizes and takes its sizes as a tuple argument; traced on
-    the example call, fx flattens the tuple into asserted leaves, which must get the example's
-    values. All 4 residuals are found (gating them is not done yet: see the README's limits)."""
-    model = T.Swinv2ForImageClassification(T.Swinv2Config(
-        image_size=32, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 2], window_size=4,
-        num_labels=3, drop_path_rate=0.1)).eval()
+def test_swinv2_at_other_sizes_gates_through_its_shared_drop_path():
+    """Swinv2Layer branches on sizes and takes them as a tuple argument; one drop_path module
+    ends both of its branches. Rewritten for the example's sizes (fx flattens the tuple into
+    asserted leaves, which get the example's values); at another size the layer runs its own
+    forward and each gate takes its own call of the shared drop_path (the first call is the
+    attention branch, the second the MLP): eval exact against the folded model, training
+    masks with a warning."""
+    model = CASES["swinv2"][0]().eval()
     an = sdsurgery.analyse(model, example=_example("pixel_values"))
-    assert len(an.residuals) == 4
+    assert [(r.tail, r.tail_call) for r in an.residuals][:2] == [
+        ("swinv2.encoder.layers.0.blocks.0.drop_path", (0, 2)), ("swinv2.encoder.layers.0.blocks.0.drop_path", (1, 2))]
     assert {r.code for r in an.rejected} == {"pos-embedding"}
+    conv = sdsurgery.convert(model, drop_rate=0.5, schedule="uniform", example=_example("pixel_values"), seed=0)
+    other = {"pixel_values": torch.randn(2, 3, 48, 48)}
+    with torch.no_grad():
+        folded = sdsurgery.fold(conv.eval())
+        torch.testing.assert_close(folded(**other).logits, conv(**other).logits, rtol=1e-5, atol=1e-6)
+        sdsurgery.set_drop_rate(conv, 0.0)
+        torch.testing.assert_close(conv(**other).logits, model(**other).logits, rtol=1e-5, atol=1e-6)
+    sdsurgery.set_drop_rate(conv, 0.5)
+    conv.train()
+    with pytest.warns(UserWarning, match=r"Swinv2Layer called with hidden_states of size \(2, 144, 8\) \(converted for \(B, \*\(64, 8\)\)\).*masked, not skipped"):
+        conv(**other).logits.sum().backward()
 
 
 @pytest.mark.parametrize("make", [_gpt2, _llama], ids=["gpt2", "llama"])

@@ -474,10 +474,11 @@ def _hf_cases() -> dict:
             num_labels=3, drop_path_rate=0.1)), x, 4),
         "bert": (lambda: T.BertForSequenceClassification(T.BertConfig(**text, num_labels=3)), ids, 4),
         "gpt2": (lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2,
-                                                        n_head=2)), ids, 4),
+                                                        n_head=2, use_cache=False)), ids, 4),
         "llama": (lambda: T.LlamaForCausalLM(T.LlamaConfig(
             vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-            num_key_value_heads=2, max_position_embeddings=16)), ids, 4),
+            num_key_value_heads=2, max_position_embeddings=16, use_cache=False)), ids, 4),
+        "roberta": (lambda: T.RobertaForMaskedLM(T.RobertaConfig(**text, pad_token_id=1)), ids, 4),
     }
 
 

@@ -33,7 +33,7 @@ from ..fold import fold_plan
 from ..ops import add_operands, is_add_call, is_drop_module
 from . import rules
 from .candidates import Candidate, Rejection, read
-from .graph import GraphFacts, owner_of
+from .graph import GraphFacts, in_scope, owner_of
 from .tracing import FlatTrace
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,6 +65,9 @@ class Residual:
             find the add again when the owner is traced on its own.
         tail: the module whose output is the branch value (used by nothing but the add, e.g. a
             drop-path slot), or None; a gate can hook it when the owner cannot be rewritten.
+        tail_call: ``(i, n)`` when ``tail`` is called ``n`` times per forward of the owner (one
+            drop-path module ending both branches of a HF Swinv2 layer) and this branch's value
+            is its ``i``-th call; None when it is called once.
         specialised: found in a trace specialised to an example's sizes (the owner's forward
             branches on them), so the owner is gated through ``tail``, never rewritten.
         outside: modules of the branch that the owner's caller runs, not the owner, when the
@@ -91,6 +94,7 @@ class Residual:
     branch_operand: int = field(repr=False, default=1)
     tail: str | None = field(repr=False, default=None)
     specialised: bool = field(repr=False, default=False)
+    tail_call: tuple[int, int] | None = field(repr=False, default=None)
     outside: tuple[str, ...] = field(repr=False, default=())
     inline: tuple[str, ...] = field(repr=False, default=())
 
@@ -195,7 +199,8 @@ def _residuals(facts: GraphFacts, found: list[Candidate],
             params=c.params, fold_target=plan.target, fold_params=plan.params,
             fold_blocker=plan.blocker,
             drop_modules=tuple(m for m in branch_modules if is_drop_module(facts.modules[m])),
-            add_position=position, branch_operand=c.branch_operand, tail=_tail(c.value, facts.ft),
+            add_position=position, branch_operand=c.branch_operand, tail=_tail(c.value, facts, c.owner),
+            tail_call=_tail_call(c.value, facts, c.owner),
             outside=tuple(m for m in branch_modules
                           if c.owner and m != c.owner and not m.startswith(c.owner + "."))))
     return out
@@ -277,12 +282,25 @@ def _chain(owner: str, inner: str) -> list[str]:
     return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
 
 
-def _tail(f: fx.Node, ft: FlatTrace) -> str | None:
+def _tail(f: fx.Node, facts: GraphFacts, owner: str) -> str | None:
     """The module whose output is the branch value ``f``, when nothing else uses that output
-    and the module is called once."""
-    if f.op == "call_module" and len(f.users) == 1 and len(ft.calls.get(f.target, [])) == 1:
+    and the module is called once, or only inside the owner's forward (see ``tail_call``)."""
+    if f.op == "call_module" and len(f.users) == 1 and _tail_calls(f, facts, owner):
         return f.target
     return None
+
+
+def _tail_call(f: fx.Node, facts: GraphFacts, owner: str) -> tuple[int, int] | None:
+    calls = _tail_calls(f, facts, owner) if f.op == "call_module" and len(f.users) == 1 else []
+    return (calls.index(f), len(calls)) if len(calls) > 1 else None
+
+
+def _tail_calls(f: fx.Node, facts: GraphFacts, owner: str) -> list[fx.Node]:
+    """The calls of ``f``'s module in graph order, when it is called once or only by ``owner``."""
+    calls = [n for n in facts.nodes if n.op == "call_module" and n.target == f.target]
+    if len(calls) == 1 or all(in_scope(n, owner) for n in calls):
+        return calls
+    return []
 
 
 def residual_name(owner: str, branch_modules: tuple[str, ...], modules: dict[str, nn.Module],

@@ -231,14 +231,19 @@ def redirect_inplace_adds(graph: fx.Graph) -> None:
     graph.lint()
 
 
-def drop_dead_getitems(graph: fx.Graph) -> None:
-    """Erase unused ``getitem`` nodes (``x, _ = attn(...)`` leaves one for ``_``).
+_PURE_METHODS = {"size", "dim", "numel"}
 
-    They are pure, and left in place they look like a second use of the tuple they index.
+
+def drop_dead_getitems(graph: fx.Graph) -> None:
+    """Erase unused ``getitem`` nodes (``x, _ = attn(...)`` leaves one for ``_``) and unused
+    size queries (``x.size(0)`` a trace on an example answered itself).
+
+    They are pure, and left in place they look like a second use of the value they read.
     (No general dead-code elimination: fx would also delete live in-place ops.)
     """
     for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and node.target is operator.getitem and not node.users:
+        if not node.users and (node.op == "call_function" and node.target in (operator.getitem, getattr)
+                               or node.op == "call_method" and node.target in _PURE_METHODS):
             graph.erase_node(node)
     graph.lint()
 

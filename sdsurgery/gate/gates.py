@@ -141,6 +141,7 @@ class GateSpec:
     sample_fallback: bool = True
     masked: str | None = None
     skips: tuple[str, ...] = ()
+    tail_call: tuple[int, int] | None = None  # see Residual.tail_call
 
     @classmethod
     def of(cls, residual: Any, **cut: Any) -> "GateSpec":
@@ -148,7 +149,8 @@ class GateSpec:
         masked) from the rewrite."""
         return cls(name=residual.name, index=residual.index, shortcut=residual.shortcut,
                    fold_target=residual.fold_target, fold_params=residual.fold_params,
-                   fold_blocker=residual.fold_blocker, drop_modules=residual.drop_modules, **cut)
+                   fold_blocker=residual.fold_blocker, drop_modules=residual.drop_modules,
+                   tail_call=getattr(residual, "tail_call", None), **cut)
 
 
 class StochasticDepthGate(nn.Module):
@@ -177,6 +179,7 @@ class StochasticDepthGate(nn.Module):
         self.controller = controller
         self.frozen = False  # set by fold(keep_scale=True): always on, eval behaviour
         self.hook_bypass = False  # see GateHook
+        self.tail_seen = 0  # calls of a tail called several times per forward (see GateHook)
 
     # What the gate knows about its residual, read-only (see GateSpec).
     name = property(lambda self: self.spec.name)
@@ -272,6 +275,12 @@ class GateHook:
     def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         if self.gate.hook_bypass:  # the block's rewritten forward gates this branch itself
             return output
+        call = self.gate.spec.tail_call
+        if call is not None:  # a module ending several branches: the gate's call of it only
+            i, n = call
+            seen, self.gate.tail_seen = self.gate.tail_seen, self.gate.tail_seen + 1
+            if seen % n != i:
+                return output
         return self.gate.mask(output)
 
 

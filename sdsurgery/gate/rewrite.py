@@ -260,6 +260,8 @@ def guarded_forward(rewritten: Callable, block: nn.Module, sizes: dict[str, tupl
                 warnings.warn(f"sdsurgery: {type(self).__name__} called with {why}: its dropped "
                               f"branches are masked, not skipped; convert with example= a call "
                               f"like the ones you train with{hint}", stacklevel=2)
+            for a in gate_attrs:
+                getattr(self, a).tail_seen = 0  # counts its tail's calls from this forward on
             return own(self, *args, **kwargs)
         gates = [getattr(self, a) for a in gate_attrs]
         for g in gates:
@@ -383,6 +385,12 @@ def compile_graph(graph: fx.Graph, label: str) -> Callable:
     # The module is `self` in the code, unless a node has that name (BertAttention's child
     # module `self`): then the module is `self_`.
     root = "self_" if any(n.name == "self" for n in graph.nodes) else "self"
+    if pytree_info(graph) is not None:
+        # fx writes the defaults of flattened placeholders into a tuple assignment, which is
+        # not Python (`a, b = None, = ...`); callers pass every argument, so drop them.
+        for n in graph.nodes:
+            if n.op == "placeholder":
+                n.args = ()
     code = graph.python_code(root_module=root)
     src, namespace = code.src, dict(code.globals)
     if root != "self":  # fx writes `def forward(self, ...` whatever the root's name
