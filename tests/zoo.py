@@ -263,7 +263,7 @@ def judge(family: str, name: str, model: nn.Module, x: torch.Tensor, expected: i
     None: no oracle, only gate and fold are checked)."""
     _randomize(model)
     residuals = sdsurgery.find_residuals(model, example=x)
-    found = {r.owner for r in residuals}
+    found = {_adder(r, owners) for r in residuals}
     row = ZooRow(family, name, len(residuals), -1 if expected is None else expected,
                  sum(r.fold_target is not None for r in residuals), "ok", "", 0.0)
     if expected == 0:
@@ -278,7 +278,7 @@ def judge(family: str, name: str, model: nn.Module, x: torch.Tensor, expected: i
     elif expected is not None and len(residuals) != expected:
         row.status, row.reason = "count", f"found {len(residuals)}, {what}"
         modules = dict(model.named_modules())
-        extra = Counter(type(modules[r.owner]).__name__ for r in residuals if r.owner not in owners)
+        extra = Counter(type(modules[r.owner]).__name__ for r in residuals if _adder(r, owners) not in owners)
         if extra:
             row.reason += "; found in blocks without one: " + ", ".join(f"{k} x{v}" for k, v in extra.items())
         missing = Counter(type(modules[o]).__name__ for o in owners - found)
@@ -289,6 +289,13 @@ def judge(family: str, name: str, model: nn.Module, x: torch.Tensor, expected: i
     else:
         _step_and_fold(model, x, row, tolerance, residuals)
     return row
+
+
+def _adder(r, owners: set[str]) -> str:
+    """The module that performs the add: the owner, or for a lifted owner (the gate sits one
+    module up, see Residual.inline) the inline child the oracle names."""
+    inline = [f"{r.owner}.{p}" if r.owner else p for p in r.inline]
+    return next((o for o in inline if o in owners), r.owner)
 
 
 # ------------------------------------------------------------------------------ torchvision

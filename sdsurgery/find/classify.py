@@ -208,7 +208,7 @@ def _residuals(facts: GraphFacts, found: list[Candidate],
 
 def _lift(residuals: list[Residual], found: list[Candidate], owner_adds: dict[str, list[fx.Node]],
           facts: GraphFacts, add_counts: dict[str, int]) -> list[Residual]:
-    """Move the owner of a residual up, with the modules in between traced inline (see
+    """Move the owner of a residual one module up, with that child traced inline (see
     ``Residual.inline``), when its branch starts outside it (to the innermost module that runs
     the whole branch), or when part of the branch's computation is also returned by the owner
     and thrown away by its caller (BERT's attention returns its weights, BertLayer drops them:
@@ -221,7 +221,9 @@ def _lift(residuals: list[Residual], found: list[Candidate], owner_adds: dict[st
         lifted = _common_module(r.owner, *r.modules) if r.outside else r.owner
         if lifted and _returns_dropped_parts(found[i]):
             lifted = lifted.rpartition(".")[0]
-        if lifted != r.owner:
+        # One level up at most (the caller runs the branch's start): further up, the blocks
+        # of a whole stage would become one (CoaT's parallel blocks): those stay masked.
+        if lifted != r.owner and lifted == r.owner.rpartition(".")[0]:
             owners[i] = lifted
             inline.setdefault(lifted, set()).update(_chain(lifted, r.owner))
     changed = True
