@@ -31,7 +31,11 @@ ADD_METHODS = {"add", "add_", "__add__", "__iadd__", "__radd__"}
 
 
 def is_add_call(node: fx.Node) -> bool:
-    """True for every add-like call, whatever the operand types (tensors, ints, tuples)."""
+    """True for every add-like call, whatever the operand types (tensors, ints, traced
+    tuples), but a tuple concatenation with a literal tuple (``(out,) + rest``: whether the
+    trace shows it depends on whether ``rest`` was traced, so counts would not agree)."""
+    if any(isinstance(a, (tuple, list)) for a in node.args[:2]):
+        return False
     if node.op == "call_function":
         return node.target in ADD_FUNCTIONS
     if node.op == "call_method":

@@ -3,6 +3,7 @@
 Each model is converted and trained a few steps; module calls are counted to prove dropped
 branches are skipped (not computed and masked), and the folded model is checked exact.
 """
+import copy
 import collections
 import functools
 
@@ -127,3 +128,29 @@ def test_torch_transformer_encoder_is_gated_skipped_and_folded(norm_first, batch
         folded = sdsurgery.fold(conv)
         torch.testing.assert_close(folded(x, src_key_padding_mask=pad), out, rtol=1e-5, atol=1e-6)
     assert not any("forward" in m.__dict__ for m in folded.modules())
+
+
+class _ConstantBlock(nn.Module):
+    """A forward that makes a tensor: fx keeps it as ``_tensor_constant0`` of the module traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(x) * torch.tensor(0.5)
+
+
+def test_tensors_a_forward_makes_are_held_by_the_code_not_left_on_the_modules():
+    model = nn.Sequential(_ConstantBlock(), _ConstantBlock()).eval()
+    attrs = {n: set(vars(m)) for n, m in model.named_modules()}
+    sdsurgery.analyse(model)
+    conv = sdsurgery.convert(model, drop_rate=0.5, schedule="uniform", seed=0)
+    assert {n: set(vars(m)) for n, m in model.named_modules()} == attrs  # analysis left nothing
+    assert not any(k.startswith("_tensor_constant") for m in conv.modules() for k in vars(m))
+    assert len(sdsurgery.gates(conv)) == 2  # the two blocks share one rewrite, constant included
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        sdsurgery.set_drop_rate(conv, 0.0)
+        torch.testing.assert_close(conv.eval()(x), model(x))
+    copy.deepcopy(conv)

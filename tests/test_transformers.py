@@ -198,7 +198,7 @@ def test_decoder_lms_called_with_a_kv_cache_fall_back_to_masking(make):
     gates = sdsurgery.gates(conv)
     assert len(gates) == 4 and not any(g.masked for g in gates)
     conv.train()
-    with pytest.warns(UserWarning, match=r"called with cache=<DynamicCache>.*masked, not skipped.*use_cache=False"):
+    with pytest.warns(UserWarning, match=r"called with (cache|past_key_values)=<DynamicCache>.*masked, not skipped.*use_cache=False"):
         conv(**ids).logits.sum().backward()
     conv.eval()
     with torch.no_grad():

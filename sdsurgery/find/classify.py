@@ -242,6 +242,8 @@ def _lift(residuals: list[Residual], found: list[Candidate], owner_adds: dict[st
         if lifted not in inline:
             out.append(r)
             continue
+        if r.name == r.owner == lifted:  # its owner now holds lifted residuals too: qualify it
+            r = replace(r, name=residual_name(lifted, r.modules, facts.modules, True, r.add_position))
         scope = {lifted} | {_join(lifted, p) for p in inline[lifted]}
         scope_adds = sorted((n for o in scope for n in owner_adds.get(o, ())), key=facts.index.__getitem__)
         add_counts[lifted] = len(scope_adds)

@@ -33,7 +33,7 @@ from .standins import traceable_forward
 
 __all__ = ["LeafSpec", "Specialisation", "ModuleCall", "FlatTrace", "resolve_leaves", "traceable",
            "notrace_module_types", "trace_model", "trace_with_example", "split_call",
-           "trace_block_on_example", "trace_block"]
+           "trace_block_on_example", "trace_block", "inline_constants"]
 
 LeafSpec = Iterable["type[nn.Module] | str | nn.Module"]
 
@@ -391,12 +391,15 @@ def resolve_leaves(model: nn.Module, leaf_modules: LeafSpec) -> tuple[tuple[type
 
 @contextlib.contextmanager
 def traceable(model: nn.Module):
-    """Eval mode and no gradient checkpointing while tracing; both restored afterwards.
+    """Eval mode and no gradient checkpointing while tracing; both restored afterwards. Yields
+    a dict that receives, at the end, the tensor constants fx left on the modules (removed).
 
     Eval mode because timm's DropPath traced in train mode leaves a dead in-place op behind;
     checkpointing because fx silently drops it.
     """
     modes = {m: m.training for m in model.modules()}
+    attrs = {m: set(m.__dict__) for m in model.modules()}
+    constants: dict[str, torch.Tensor] = {}
     ckpt = None
     if hasattr(model, "set_grad_checkpointing"):
         ckpt = bool(getattr(model, "grad_checkpointing", False))
@@ -404,10 +407,16 @@ def traceable(model: nn.Module):
             model.set_grad_checkpointing(False)
     model.eval()
     try:
-        yield model
+        yield constants
     finally:
         for m, mode in modes.items():
             m.training = mode
+        # fx keeps tensors a trace made (`torch.tensor(...)` in a forward) as attributes of
+        # the module traced: take them off the user's modules (see inline_constants)
+        for prefix, m in model.named_modules():
+            for k in set(m.__dict__) - attrs.get(m, set()):
+                if k.startswith("_tensor_constant"):
+                    constants[f"{prefix}.{k}" if prefix else k] = m.__dict__.pop(k)
         if ckpt:
             model.set_grad_checkpointing(True)
 
@@ -510,8 +519,9 @@ def trace_block_on_example(block: nn.Module, concrete: dict[str, Any], tensors: 
     batch size. The graph holds only for inputs of those sizes (a caller must guard on them)."""
     tracer = _BlockExampleTracer(tuple(autowrap_functions), tensors)
     tracer.concrete = concrete or {}
-    with traceable(block):
-        return tracer.trace(block, concrete_args=concrete or None)
+    with traceable(block) as constants:
+        graph = tracer.trace(block, concrete_args=concrete or None)
+    return inline_constants(graph, constants)
 
 
 def trace_block(block: nn.Module, concrete_args: dict[str, Any] | None,
@@ -520,11 +530,31 @@ def trace_block(block: nn.Module, concrete_args: dict[str, Any] | None,
     """Trace ``block``'s own forward with every child module a leaf but those in ``inline``
     (in eval mode, or in train mode to check that the code traced does not depend on it)."""
     tracer = _BlockTracer(tuple(autowrap_functions), inline)
-    with traceable(block):
+    with traceable(block) as constants:
         if train:
             for m in [block] + [block.get_submodule(p) for p in inline]:
                 m.training = True
-        return tracer.trace(block, concrete_args=_given(concrete_args))
+        graph = tracer.trace(block, concrete_args=_given(concrete_args))
+    return inline_constants(graph, constants)
+
+
+def inline_constants(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.Graph:
+    """Read the tensor constants of a trace (``get_attr _tensor_constantN``) from functions
+    held by the generated code instead of attributes of the module: the module stays as it
+    was, and blocks sharing the code share the values (as a GraphModule would hold them)."""
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and node.target in constants:
+            with graph.inserting_before(node):
+                new = graph.call_function(_constant(constants[node.target]), ())
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    return graph
+
+
+def _constant(value: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def _sd_constant() -> torch.Tensor:
+        return value
+    return _sd_constant
 
 
 def _given(concrete: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -255,8 +255,8 @@ def guarded_forward(rewritten: Callable, block: nn.Module, sizes: dict[str, tupl
         why = mismatch(bound)
         if why is not None:
             if self.training:
-                hint = (" (transformers: train with use_cache=False)" if "cache" in why
-                        else "")
+                hint = (" (transformers: train with use_cache=False)"
+                        if "cache" in why or "past_key_values" in why else "")
                 warnings.warn(f"sdsurgery: {type(self).__name__} called with {why}: its dropped "
                               f"branches are masked, not skipped; convert with example= a call "
                               f"like the ones you train with{hint}", stacklevel=2)
