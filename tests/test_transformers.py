@@ -226,3 +226,37 @@ def test_decoder_lm_with_padding_mask_skips_for_padded_and_unpadded_batches():
         for layer in ("model.layers.0", "model.layers.1"):
             assert counts[f"{layer}.self_attn.q_proj"] == kept[f"{layer}.self_attn"], (call.keys(), layer)
             assert counts[f"{layer}.mlp.down_proj"] == kept[f"{layer}.mlp"], (call.keys(), layer)
+
+
+def test_a_converted_lm_checkpoint_rebuilds_its_token_example(tmp_path):
+    """The example's keyword inputs (shapes and dtypes) are in the checkpoint's metadata, so
+    load() converts the rebuilt model as it was converted (layers rewritten for token inputs,
+    not masked), and the weights load into it."""
+    ids = _example("input_ids")
+    torch.manual_seed(0)
+    conv = sdsurgery.convert(_llama(False), drop_rate=0.2, example=ids, seed=0).eval()
+    path = sdsurgery.save(conv, tmp_path / "lm.safetensors", spec="my_lms:llama")
+    meta = sdsurgery.read_metadata(path)["stochastic_depth"]
+    assert meta["example_inputs"] == {"input_ids": {"shape": [2, 8], "dtype": "int64"}}
+    loaded = sdsurgery.load(path, factory=lambda **kw: _llama(False)).eval()
+    gates = sdsurgery.gates(loaded)
+    assert [g.name for g in gates] == [g.name for g in sdsurgery.gates(conv)] and not any(g.masked for g in gates)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**ids).logits, conv(**ids).logits)
+
+
+def test_bad_example_inputs_metadata_is_one_clear_error(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+    conv = sdsurgery.convert(_llama(False), example=_example("input_ids"), seed=0)
+    path = sdsurgery.save(conv, tmp_path / "lm.safetensors", spec="my_lms:llama")
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+    meta = json.loads(header["sdsurgery"])
+    meta["stochastic_depth"]["example_inputs"] = {"input_ids": {"shape": [2, 8], "dtype": "object"}}
+    save_file(load_file(str(path)), str(path), metadata={"sdsurgery": json.dumps(meta)})
+    with pytest.raises(sdsurgery.CheckpointError, match="metadata is corrupt .*example_inputs dtype must be one of") as e:
+        sdsurgery.load(path, factory=lambda **kw: _llama(False))
+    assert "\n" not in str(e.value)

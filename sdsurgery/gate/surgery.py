@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -101,9 +101,27 @@ def convert(model: nn.Module, *, drop_rate: float = 0.5, schedule: Schedule = "l
         "schedule": schedule if isinstance(schedule, str) else list(probs),
         # the sizes size-branching blocks were rewritten for (load() converts again with them)
         "example_shape": list(example.shape) if isinstance(example, torch.Tensor) else None,
+        "example_inputs": _example_inputs(example),  # a dict / tuple example: shapes and dtypes
     }
     install(target, programs, ctrl, analysis)
     return target
+
+
+def _example_inputs(example: Any) -> "dict | list | None":
+    """The shape and dtype of each input of a dict (keyword) or tuple (positional) example of
+    tensors, or None."""
+    def spec(t: Any) -> dict | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        return {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    if isinstance(example, dict):
+        specs: dict | list = {k: spec(v) for k, v in example.items()}
+        values = list(specs.values())
+    elif isinstance(example, (tuple, list)):
+        specs = values = [spec(v) for v in example]
+    else:
+        return None
+    return specs if values and all(v is not None for v in values) else None
 
 
 def _choose(residuals: list[Residual], include, exclude, gate_projection: bool) -> list[Residual]:

@@ -285,7 +285,59 @@ def _validated(meta: Any) -> dict[str, Any]:
             if math.prod(shape) > _MAX_EXAMPLE_ELEMENTS:
                 raise _Invalid(f"{w}example_shape {shape} is larger than any example input "
                                f"({math.prod(shape)} elements, at most {_MAX_EXAMPLE_ELEMENTS})")
+        _example_inputs(sd.get("example_inputs"), w + "example_inputs")
     return meta
+
+
+_EXAMPLE_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+
+
+def _example_inputs(value: Any, where: str) -> None:
+    """``example_inputs``: None, or up to 16 inputs (by keyword name or position), each
+    ``{"shape": [sizes], "dtype": name}``."""
+    if value is None:
+        return
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) and k.isidentifier() for k in value):
+            raise _Invalid(f"{where} names must be Python identifiers")
+        items = list(value.values())
+    elif isinstance(value, list):
+        items = value
+    else:
+        raise _Invalid(f"{where} must be a dict, a list or null, got {type(value).__name__}")
+    if not 1 <= len(items) <= 16:
+        raise _Invalid(f"{where} must hold 1 to 16 inputs, got {len(items)}")
+    total = 0
+    for item in items:
+        if not (isinstance(item, dict) and set(item) == {"shape", "dtype"}):
+            raise _Invalid(f"{where} entries must be {{shape, dtype}}, got {item!r:.60}")
+        shape = item["shape"]
+        if not (isinstance(shape, list) and 1 <= len(shape) <= 8 and all(
+                isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise _Invalid(f"{where} shapes must be lists of 1 to 8 positive sizes, got {shape!r:.60}")
+        if item["dtype"] not in _EXAMPLE_DTYPES:
+            raise _Invalid(f"{where} dtype must be one of {', '.join(_EXAMPLE_DTYPES)}, got "
+                           f"{item['dtype']!r:.30}")
+        total += math.prod(shape)
+    if total > _MAX_EXAMPLE_ELEMENTS:
+        raise _Invalid(f"{where} is larger than any example input ({total} elements, at most "
+                       f"{_MAX_EXAMPLE_ELEMENTS})")
+
+
+def _example_of(sd: dict) -> Any:
+    """An example input like the one the model was converted with (sizes and dtypes; integer
+    inputs are ones: token ids and masks that every vocabulary has)."""
+    def tensor(item: dict) -> torch.Tensor:
+        dtype = getattr(torch, item["dtype"])
+        if dtype.is_floating_point:
+            return torch.randn(*item["shape"], dtype=dtype)
+        return torch.ones(*item["shape"], dtype=dtype)
+    inputs = sd.get("example_inputs")
+    if isinstance(inputs, dict):
+        return {k: tensor(v) for k, v in inputs.items()}
+    if isinstance(inputs, list):
+        return tuple(tensor(v) for v in inputs)
+    return torch.randn(*sd["example_shape"]) if sd.get("example_shape") else None
 
 
 # --------------------------------------------------------------------- rebuilding models
@@ -374,7 +426,7 @@ def load(path: str | Path, *, factory: Factory | None = None, trust_code: bool =
                         schedule=schedule, mode=sd["mode"], scaling=sd["scaling"],
                         gate_projection=sd.get("gate_projection", True), include=sd.get("include"),
                         exclude=sd.get("exclude"), seed=sd.get("seed"), leaf_modules=leaves,
-                        example=torch.randn(*sd["example_shape"]) if sd.get("example_shape") else None,
+                        example=_example_of(sd),
                         inplace=True)
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
