@@ -154,3 +154,57 @@ def test_tensors_a_forward_makes_are_held_by_the_code_not_left_on_the_modules():
         sdsurgery.set_drop_rate(conv, 0.0)
         torch.testing.assert_close(conv.eval()(x), model(x))
     copy.deepcopy(conv)
+
+
+class _TokenBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return x + self.fc(x).relu()
+
+
+class _SizeBranchingRoot(nn.Module):
+    """A model whose own forward branches on the input's size (keeps at most 4 tokens) and
+    holds a residual of its own: traceable on an example only."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_TokenBlock(), _TokenBlock()])
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.shape[1] > 4:
+            x = x[:, :4]
+        for b in self.blocks:
+            x = b(x)
+        x = x + self.mix(x)
+        return self.head(x.mean(1))
+
+
+def test_a_root_forward_that_branches_on_sizes_is_traced_on_the_example():
+    model = _SizeBranchingRoot().eval()
+    with pytest.raises(sdsurgery.TraceError):
+        sdsurgery.find_residuals(model)  # no example: the root's control flow cannot be traced
+    x = torch.randn(2, 6, 8)
+    residuals = sdsurgery.find_residuals(model, example=x)
+    assert [(r.name, r.specialised) for r in residuals] == [("blocks.0", False), ("blocks.1", False), ("mix", True)]
+    conv = sdsurgery.convert(model, drop_rate=0.5, schedule="uniform", example=x, seed=0)
+    gates = sdsurgery.gates(conv)
+    assert len(gates) == 3 and not any(g.masked for g in gates)
+    with torch.no_grad():
+        for inp in (x, torch.randn(3, 6, 8), torch.randn(2, 3, 8)):  # example sizes, batch, another length
+            folded = sdsurgery.fold(conv.eval())
+            torch.testing.assert_close(folded(inp), conv(inp))
+    # training at the example's sizes: a dropped block is not run
+    calls = collections.Counter()
+    for name in ("blocks.0.fc", "blocks.1.fc", "mix"):
+        conv.get_submodule(name).register_forward_hook(lambda m, a, o, n=name: calls.update([n]))
+    from conftest import replay_keeps
+    kept = replay_keeps(conv, 6)
+    conv.train()
+    for _ in range(6):
+        conv(x)
+    assert calls["blocks.0.fc"] == kept["blocks.0"] and calls["mix"] == kept["mix"]

@@ -59,8 +59,28 @@ def analyse(model: nn.Module, *, leaf_modules: LeafSpec = (),
         raise ValueError("the model is already converted (it carries stochastic-depth gates); "
                          "call sdsurgery.fold(model) first, or use sdsurgery.gates(model)")
     examples = _Examples(model, example)
-    analysis = _analyse_with(model, leaf_modules, None, examples)
+    try:
+        analysis = _analyse_with(model, leaf_modules, None, examples)
+    except TraceError as e:
+        analysis = _analyse_root_on_example(model, leaf_modules, examples, e)
     analysis.examples = examples
+    return analysis
+
+
+def _analyse_root_on_example(model: nn.Module, leaf_modules: LeafSpec, examples: "_Examples",
+                             error: TraceError) -> Analysis:
+    """The model's own forward fails to trace (it branches on sizes): trace it on the example
+    call. Its own residuals, and blocks it calls with what may be sizes, hold for the example's
+    sizes only (``specialised``: gated by a size-guarded rewrite)."""
+    call = examples.of(model) if not error.module and examples.example is not None else None
+    if call is None:
+        raise error
+    try:
+        analysis = _analyse_with(model, leaf_modules, None, examples, example_call=call)
+    except TraceError:
+        raise error from None
+    analysis.residuals = [r if r.specialised or (r.owner and _size_free(analysis.trace, r.owner))
+                          else replace(r, specialised=True) for r in analysis.residuals]
     return analysis
 
 
