@@ -106,6 +106,20 @@ def _example(model, image_size: int | None):
     return torch.randn(2, 3, size, size)
 
 
+def _submodule(model, name: str):
+    """``model.get_submodule(name)``, or a one-line error naming its children."""
+    module, path = model, []
+    for part in name.split("."):
+        child = module._modules.get(part) if part else None
+        if child is None:
+            where = ".".join(path) or type(model).__name__
+            children = ", ".join(n for n, _ in module.named_children()) or "none"
+            raise ValueError(f"--submodule {name!r}: {where} has no submodule {part!r} (its "
+                             f"children: {children})")
+        module, path = child, path + [part]
+    return module
+
+
 def _checks(drop_rate: float, schedule: str, mode: str, scaling: str) -> None:
     sdsurgery.gate.schedules.check_rate(drop_rate, "--drop-rate")
     for opt, value, allowed in (("--schedule", schedule, ("linear", "uniform")),
@@ -266,11 +280,15 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
             image_size: Optional[int] = typer.Option(None, help="Input size for FLOPs (default: the model's)."),
             factory: Optional[str] = typer.Option(None, help=FACTORY_HELP),
             trust_code: bool = typer.Option(False, "--trust-code", help=TRUST_HELP),
+            submodule: Optional[str] = typer.Option(
+                None, help="Inspect this submodule (qualified name) instead of the whole model: a "
+                           "detector's backbone, e.g. backbone.body."),
             ) -> None:
     """Show a model's residual branches, their FLOPs, fold targets and the adds that are not
     residuals. Writes nothing.
 
-    Examples: sdsurgery inspect torchvision:resnet152 | sdsurgery inspect x.safetensors --json
+    Examples: sdsurgery inspect torchvision:resnet152 | sdsurgery inspect x.safetensors --json |
+    sdsurgery inspect torchvision:fasterrcnn_resnet50_fpn --submodule backbone.body
     """
     _checks(drop_rate, schedule, mode, "expectation")
     _positive(num_classes=num_classes, image_size=image_size)
@@ -285,6 +303,11 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
     if target.endswith(".safetensors") and image_size is None and meta.get("preprocessing"):
         image_size = meta["preprocessing"]["image_size"]  # FLOPs at the size it was trained at
     example = _example(plain, image_size)
+    if submodule:
+        if net is not None:
+            raise ValueError("--submodule applies to models, not to converted checkpoints")
+        image_size = image_size or _default_image_size(plain)
+        plain = _submodule(plain, submodule)
     analysis = sdsurgery.analyse(plain, leaf_modules=leaf, example=example)
     converted = net if net is not None else sdsurgery.convert(
         plain, drop_rate=drop_rate, schedule=schedule, mode=mode, seed=0, leaf_modules=leaf,

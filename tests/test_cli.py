@@ -57,6 +57,17 @@ def test_inspect_lists_adds_that_are_not_residuals_and_reads_checkpoints(tmp_pat
     assert report["converted"] and {b["drop_prob"] for b in report["residuals"]} == {0.2}
 
 
+def test_inspect_a_detectors_backbone_with_submodule():
+    """torchvision detection models build without weights (their backbone's ImageNet weights
+    are not fetched either); the whole detector does not trace, its backbone does."""
+    r = run("inspect", "torchvision:fasterrcnn_mobilenet_v3_large_fpn", "--submodule", "backbone.body",
+            "--image-size", "64", "--json")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads(r.stdout)["residuals"]) == 10  # MobileNetV3-Large's inverted residuals
+    _one_line_error(run("inspect", "torchvision:fasterrcnn_mobilenet_v3_large_fpn", "--submodule", "backbone.bogus"),
+                    "backbone has no submodule 'bogus' (its children: body, fpn)")
+
+
 def test_models_lists_and_filters():
     r = run("models", "resnet1*")
     assert r.exit_code == 0 and "timm:resnet18" in r.stdout and "torchvision:resnet152" in r.stdout

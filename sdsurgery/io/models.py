@@ -188,7 +188,11 @@ def _build_timm(name: str, pretrained: bool, num_classes: int | None, kwargs: di
 def _build_torchvision(name: str, pretrained: bool, num_classes: int | None, kwargs: dict) -> nn.Module:
     import torchvision
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ModelSourceError(f"unknown torchvision classification model {name!r}{_suggest(name)}")
+        tasks = (torchvision.models.detection, torchvision.models.segmentation)
+        if not any(name in torchvision.models.list_models(module=m) for m in tasks):
+            raise ModelSourceError(f"unknown torchvision model {name!r}{_suggest(name)}")
+        # detection / segmentation: their backbone would fetch ImageNet weights by default
+        kwargs = {"weights_backbone": "DEFAULT" if pretrained else None, **kwargs}
     if not pretrained:
         try:
             return torchvision.models.get_model(name, weights=None, **_with_classes(kwargs, num_classes))
