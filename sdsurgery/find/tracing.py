@@ -548,6 +548,7 @@ def inline_constants(graph: fx.Graph, constants: dict[str, torch.Tensor]) -> fx.
                 new = graph.call_function(_constant(constants[node.target]), ())
             node.replace_all_uses_with(new)
             graph.erase_node(node)
+    graph.lint()
     return graph
 
 
