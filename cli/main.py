@@ -404,10 +404,15 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
                         f"median of {steps} steps")
     table.add_column("training step")
     table.add_column("ms", justify="right")
+    table.add_column("IQR", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_column("saved MB", justify="right")
     table.add_column("ratio", justify="right")
     for k, ms in result.train_ms.items():
-        table.add_row(k, f"{ms:.1f}", f"{result.train_ratio[k]:.3f}")
-    table.add_row(f"theory (FLOPs) for sdsurgery {mode} {drop_rate:g}", "", f"{result.theory:.3f}")
+        q1, q3 = result.train_iqr_ms[k]
+        table.add_row(k, f"{ms:.1f}", f"{q1:.1f}-{q3:.1f}", f"{result.train_ratio[k]:.3f}",
+                      f"{result.saved_mb[k]:.1f}", f"{result.saved_ratio[k]:.3f}")
+    table.add_row(f"theory (FLOPs) for sdsurgery {mode} {drop_rate:g}", "", "", f"{result.theory:.3f}", "", "")
     console.print(table)
     console.print(f"eval latency: folded {result.eval_ms['folded']:.1f} ms, original "
                   f"{result.eval_ms['original']:.1f} ms, ratio {result.eval_ratio['folded']:.3f}",

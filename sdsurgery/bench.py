@@ -6,6 +6,7 @@ ratios measured this way hold even when absolute times drift.
 from __future__ import annotations
 
 import contextlib
+import copy
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,8 @@ from .flops import flop_report
 from .fold import fold
 from .gate.surgery import convert
 
-__all__ = ["time_train_steps", "time_eval", "median", "BenchResult", "run_bench"]
+__all__ = ["time_train_steps", "time_eval", "median", "quartiles", "saved_activation_bytes",
+           "BenchResult", "run_bench"]
 
 
 def time_train_steps(variants: dict[str, nn.Module], make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
@@ -66,6 +68,42 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def quartiles(xs: list[float]) -> tuple[float, float]:
+    """The first and third quartiles (the interquartile range's ends) of ``xs``."""
+    if len(xs) < 2:
+        return xs[0], xs[0]
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def saved_activation_bytes(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                           steps: int = 1) -> float:
+    """Bytes a training step keeps for backward, exactly (no allocator noise): the storages
+    of the tensors autograd saves (``torch.autograd.graph.saved_tensors_hooks``), each once,
+    parameters left out; the mean over ``steps`` forward/backward passes (a stochastic-depth
+    model saves less when it drops more)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    loss_fn = nn.CrossEntropyLoss()
+    total = 0
+    model.train()
+    for _ in range(steps):
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        x, y = make_batch()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        total += sum(storages.values())
+    return total / steps
+
+
 def _sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
@@ -89,7 +127,10 @@ class BenchResult:
     mode: str
     theory: float  # expected training-compute fraction from per-branch FLOPs
     train_ms: dict[str, float] = field(default_factory=dict)
+    train_iqr_ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # quartiles
     train_ratio: dict[str, float] = field(default_factory=dict)
+    saved_mb: dict[str, float] = field(default_factory=dict)  # activations kept for backward
+    saved_ratio: dict[str, float] = field(default_factory=dict)
     eval_ms: dict[str, float] = field(default_factory=dict)
     eval_ratio: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -110,7 +151,8 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
     torch.manual_seed(seed)
     dev = torch.device(device)
     original = build().to(dev)
-    variants: dict[str, nn.Module] = {"original": original}
+    # A/A: a second copy of the original, timed like the others: its ratio is the noise
+    variants: dict[str, nn.Module] = {"original": original, "original (A/A copy)": copy.deepcopy(original)}
     variants["sdsurgery p=0"] = convert(original, drop_rate=0.0, seed=seed)
     label = f"sdsurgery {mode} {drop_rate:g}"
     variants[label] = convert(original, drop_rate=drop_rate, mode=mode, seed=seed)
@@ -132,6 +174,8 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
 
     with autocast:
         train = time_train_steps(variants, batch, steps=steps, warmup=warmup)
+        torch.manual_seed(seed + 1)
+        saved = {k: saved_activation_bytes(m, batch, steps=min(steps, 8)) for k, m in variants.items()}
         folded = fold(variants[label])
         evals = time_eval({"original": original, "folded": folded},
                           torch.randn(batch_size, 3, image_size, image_size, device=dev),
@@ -141,6 +185,9 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
         model=name, device=str(dev), dtype=dtype, batch_size=batch_size, image_size=image_size,
         steps=steps, drop_rate=drop_rate, mode=mode, theory=theory,
         train_ms={k: median(v) * 1e3 for k, v in train.items()},
+        train_iqr_ms={k: tuple(q * 1e3 for q in quartiles(v)) for k, v in train.items()},
         train_ratio={k: median(v) / base for k, v in train.items()},
+        saved_mb={k: b / 2**20 for k, b in saved.items()},
+        saved_ratio={k: b / saved["original"] for k, b in saved.items()},
         eval_ms={k: median(v) * 1e3 for k, v in evals.items()},
         eval_ratio={k: median(v) / ebase for k, v in evals.items()}, notes=notes)

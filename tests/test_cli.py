@@ -80,9 +80,12 @@ def test_bench_writes_json(tmp_path):
             "--json", out)
     assert r.exit_code == 0, r.output
     result = json.loads(out.read_text())
-    assert set(result["train_ratio"]) == {"original", "sdsurgery p=0", "sdsurgery block 0.5",
-                                          "drop_path_rate=0.5"}
+    assert set(result["train_ratio"]) == {"original", "original (A/A copy)", "sdsurgery p=0",
+                                          "sdsurgery block 0.5", "drop_path_rate=0.5"}
     assert result["train_ratio"]["original"] == 1.0 and 0.5 < result["theory"] < 0.9
+    assert set(result["saved_ratio"]) == set(result["train_ratio"]) and result["saved_ratio"]["original"] == 1.0
+    q1, q3 = result["train_iqr_ms"]["original"]
+    assert q1 <= result["train_ms"]["original"] <= q3
     assert set(result["eval_ratio"]) == {"original", "folded"}
 
 

@@ -1,0 +1,47 @@
+"""Measurements of sdsurgery.bench that are exact (bytes saved for backward), not timings."""
+import torch
+import torch.nn as nn
+
+import sdsurgery
+from sdsurgery.bench import quartiles, saved_activation_bytes
+
+
+class _Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return torch.relu(x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), *[_Block(8) for _ in range(6)],
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 16, 16, generator=g), torch.randint(0, 10, (4,), generator=g)
+
+
+def test_saved_activation_bytes_are_exact_and_shrink_with_dropped_branches():
+    model = _net()
+    base = saved_activation_bytes(model, _batch)
+    assert base == saved_activation_bytes(model, _batch)  # exact: no allocator noise
+    assert saved_activation_bytes(sdsurgery.convert(model, drop_rate=0.0), _batch) == base  # gates save nothing
+    per_block = []
+    for rate in (0.3, 0.6, 0.9):
+        conv = sdsurgery.convert(model, drop_rate=rate, schedule="uniform", seed=0)
+        per_block.append(saved_activation_bytes(conv, _batch, steps=20) / base)
+    assert per_block[0] > per_block[1] > per_block[2]  # more drops, less kept for backward
+    dropped = sdsurgery.convert(model, drop_rate=0.999999, schedule="uniform", seed=0)
+    # every branch dropped: what is left is the stem, the shortcut ReLUs and the head
+    assert saved_activation_bytes(dropped, _batch) < 0.3 * base
+
+
+def test_quartiles_bracket_the_median():
+    xs = [5.0, 1.0, 3.0, 2.0, 4.0]
+    assert quartiles(xs) == (2.0, 4.0) and quartiles([7.0]) == (7.0, 7.0)
