@@ -45,3 +45,26 @@ def test_saved_activation_bytes_are_exact_and_shrink_with_dropped_branches():
 def test_quartiles_bracket_the_median():
     xs = [5.0, 1.0, 3.0, 2.0, 4.0]
     assert quartiles(xs) == (2.0, 4.0) and quartiles([7.0]) == (7.0, 7.0)
+
+
+def test_a_compiled_converted_model_draws_new_decisions_every_step():
+    """torch.compile (dynamo; the eager backend keeps the test fast) runs the gates' draws
+    outside the graph: the compiled model makes the same decisions as the eager one, step by
+    step, from the same generator, and they vary (not frozen at trace time)."""
+    import copy
+
+    model = _net()
+    eager = sdsurgery.convert(model, drop_rate=0.6, schedule="uniform", seed=3).train()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, backend="eager")
+    x, y = _batch()
+    losses = {"eager": [], "compiled": []}
+    for _ in range(6):
+        for name, m in (("eager", eager), ("compiled", compiled)):
+            loss = nn.functional.cross_entropy(m(x), y)
+            loss.backward()
+            losses[name].append(loss.item())
+    torch.testing.assert_close(losses["compiled"], losses["eager"])
+    assert len(set(round(v, 6) for v in losses["eager"])) > 1  # decisions vary step to step
+    assert torch.equal(sdsurgery.controller(compiled_model).generator.get_state(),
+                       sdsurgery.controller(eager).generator.get_state())

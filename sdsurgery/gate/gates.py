@@ -42,6 +42,7 @@ class Decision:
     scale: float
 
 
+@torch.compiler.disable
 def decide(p: float, mode: str, scaling: str, n: int, generator: torch.Generator,
            training: bool) -> Decision:
     """The keep/drop decision of a gate, in one place: drop probability ``p``, ``mode``
