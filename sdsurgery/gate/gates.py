@@ -42,7 +42,6 @@ class Decision:
     scale: float
 
 
-@torch.compiler.disable
 def decide(p: float, mode: str, scaling: str, n: int, generator: torch.Generator,
            training: bool) -> Decision:
     """The keep/drop decision of a gate, in one place: drop probability ``p``, ``mode``
@@ -216,6 +215,7 @@ class StochasticDepthGate(nn.Module):
                 f"scaling={self.scaling}" + (", masked" if self.masked else "")
                 + (", frozen" if self.frozen else ""))
 
+    @torch.compiler.disable  # drawn eagerly every step; compiled graphs never see the probability
     def _decide(self, n: int) -> "Decision":
         return decide(self.drop_prob, self.controller.mode, self.controller.scaling, n,
                       self.controller.generator, self.training and not self.frozen)
