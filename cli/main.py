@@ -374,6 +374,8 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
           dtype: str = typer.Option("fp32", help="fp32 | bf16 (autocast)"),
           arg: List[str] = typer.Option([], "--arg", help="Factory keyword argument key=value (repeatable)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+          compile_: bool = typer.Option(False, "--compile", help="Time the training steps under torch.compile (inductor)."),
+          channels_last: bool = typer.Option(False, "--channels-last", help="Models and inputs in channels_last memory format."),
           ) -> None:
     """Training-step time of the converted model against the original (and the architecture's
     own drop-path at the same rate), side by side in one process; eval latency of the folded
@@ -399,8 +401,9 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
 
     result = run_bench(build, name=spec, native=native, drop_rate=drop_rate, mode=mode,
                        batch_size=batch_size, image_size=image_size, steps=steps, device=device,
-                       dtype=dtype)
-    table = Table(title=f"{spec}: {batch_size} x {image_size} px, {dtype}, {device}, "
+                       dtype=dtype, compile="inductor" if compile_ else None, channels_last=channels_last)
+    extra = (", compiled" if compile_ else "") + (", channels_last" if channels_last else "")
+    table = Table(title=f"{spec}: {batch_size} x {image_size} px, {dtype}, {device}{extra}, "
                         f"median of {steps} steps")
     table.add_column("training step")
     table.add_column("ms", justify="right")
@@ -417,6 +420,9 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
     console.print(f"eval latency: folded {result.eval_ms['folded']:.1f} ms, original "
                   f"{result.eval_ms['original']:.1f} ms, ratio {result.eval_ratio['folded']:.3f}",
                   markup=False)
+    if compile_:
+        console.print("warm-up (3 steps, compiling): " + ", ".join(
+            f"{k} {s:.1f} s" for k, s in result.warmup_s.items()), markup=False)
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     if json_out is not None:

@@ -24,11 +24,15 @@ __all__ = ["time_train_steps", "time_eval", "median", "quartiles", "saved_activa
 
 
 def time_train_steps(variants: dict[str, nn.Module], make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
-                     steps: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+                     steps: int = 20, warmup: int = 3,
+                     warmup_s: dict[str, float] | None = None) -> dict[str, list[float]]:
     """Seconds per SGD training step (forward, cross-entropy, backward, update) of each
-    variant, measured round-robin: step i of every variant runs before step i+1 of any."""
+    variant, measured round-robin: step i of every variant runs before step i+1 of any. The
+    warm-up steps' total per variant goes into ``warmup_s`` (compile time, for compiled ones)."""
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}
     times: dict[str, list[float]] = {k: [] for k in variants}
+    if warmup_s is not None:
+        warmup_s.update(dict.fromkeys(variants, 0.0))
     loss_fn = nn.CrossEntropyLoss()
     for m in variants.values():
         m.train()
@@ -43,6 +47,8 @@ def time_train_steps(variants: dict[str, nn.Module], make_batch: Callable[[], tu
             _sync(x)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
+            elif warmup_s is not None:
+                warmup_s[name] += time.perf_counter() - t0
     return times
 
 
@@ -131,6 +137,9 @@ class BenchResult:
     train_ratio: dict[str, float] = field(default_factory=dict)
     saved_mb: dict[str, float] = field(default_factory=dict)  # activations kept for backward
     saved_ratio: dict[str, float] = field(default_factory=dict)
+    compile: str | None = None  # torch.compile backend the training steps ran under
+    channels_last: bool = False
+    warmup_s: dict[str, float] = field(default_factory=dict)  # warm-up steps (compiling)
     eval_ms: dict[str, float] = field(default_factory=dict)
     eval_ratio: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -142,7 +151,8 @@ class BenchResult:
 def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, float] | None,
               drop_rate: float = 0.5, mode: str = "block", batch_size: int = 16,
               image_size: int = 64, steps: int = 20, warmup: int = 3, device: str = "cpu",
-              dtype: str = "fp32", num_classes: int = 10, seed: int = 0) -> BenchResult:
+              dtype: str = "fp32", num_classes: int = 10, seed: int = 0,
+              compile: str | None = None, channels_last: bool = False) -> BenchResult:
     """Time training steps of the original model, the converted one at ``drop_rate`` and at 0
     (gate overhead), and the architecture's own drop-path (``native = (kwarg, rate)``, e.g.
     ``("drop_path_rate", 0.5)``) when it has one; then eval of the folded model against the
@@ -165,15 +175,21 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
             notes.append(f"{kw} not supported by this architecture ({type(e).__name__})")
     x0 = torch.randn(1, 3, image_size, image_size, device=dev)
     theory = flop_report(variants[label], x0).expected_fraction
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    for m in variants.values():
+        m.to(memory_format=fmt)
+    # the training steps of every variant under torch.compile (backend ``compile``), if asked
+    timed = {k: torch.compile(m, backend=compile) if compile else m for k, m in variants.items()}
     autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if dtype == "bf16"
                 else contextlib.nullcontext())
 
     def batch():
-        return (torch.randn(batch_size, 3, image_size, image_size, device=dev),
+        return (torch.randn(batch_size, 3, image_size, image_size, device=dev).to(memory_format=fmt),
                 torch.randint(0, num_classes, (batch_size,), device=dev))
 
+    warm: dict[str, float] = {}
     with autocast:
-        train = time_train_steps(variants, batch, steps=steps, warmup=warmup)
+        train = time_train_steps(timed, batch, steps=steps, warmup=warmup, warmup_s=warm)
         torch.manual_seed(seed + 1)
         saved = {k: saved_activation_bytes(m, batch, steps=min(steps, 8)) for k, m in variants.items()}
         folded = fold(variants[label])
@@ -189,5 +205,6 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
         train_ratio={k: median(v) / base for k, v in train.items()},
         saved_mb={k: b / 2**20 for k, b in saved.items()},
         saved_ratio={k: b / saved["original"] for k, b in saved.items()},
+        compile=compile, channels_last=channels_last, warmup_s=warm,
         eval_ms={k: median(v) * 1e3 for k, v in evals.items()},
         eval_ratio={k: median(v) / ebase for k, v in evals.items()}, notes=notes)

@@ -68,3 +68,17 @@ def test_a_compiled_converted_model_draws_new_decisions_every_step():
     assert len(set(round(v, 6) for v in losses["eager"])) > 1  # decisions vary step to step
     assert torch.equal(sdsurgery.controller(compiled_model).generator.get_state(),
                        sdsurgery.controller(eager).generator.get_state())
+
+
+def test_run_bench_under_torch_compile_and_channels_last():
+    """The bench's compiled path (dynamo, eager backend: fast) and channels_last: every variant
+    timed, warm-up time recorded, ratios against the original, exact saved bytes unchanged."""
+    from sdsurgery.bench import run_bench
+
+    result = run_bench(lambda **kw: _net(), name="test", native=None, batch_size=2, image_size=16,
+                       steps=2, warmup=1, compile="eager", channels_last=True)
+    assert result.compile == "eager" and result.channels_last
+    assert set(result.train_ms) == set(result.warmup_s) == {
+        "original", "original (A/A copy)", "sdsurgery p=0", "sdsurgery block 0.5"}
+    assert all(s > 0 for s in result.warmup_s.values()) and result.train_ratio["original"] == 1.0
+    assert result.saved_ratio["sdsurgery p=0"] == 1.0
