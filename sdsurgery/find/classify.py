@@ -121,7 +121,8 @@ class Analysis:
     residuals: list[Residual]
     rejected: list[RejectedAdd]
     trace: FlatTrace = field(repr=False)
-    add_counts: dict[str, int] = field(default_factory=dict, repr=False)  # add calls per owner
+    # adds in each owner's trace (its inline modules included)
+    add_counts: dict[str, int] = field(default_factory=dict, repr=False)
     order: list[int] = field(default_factory=list, repr=False)  # graph position of each residual
     examples: "_Examples | None" = field(default=None, repr=False)  # module calls on an example
 

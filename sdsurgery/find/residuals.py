@@ -241,11 +241,11 @@ def _without_cache(module: nn.Module, call: tuple[tuple, dict] | None) -> tuple[
     if call is None:
         return None
     try:
-        bound = inspect.signature(module.forward).bind(*call[0], **call[1])
+        sig = inspect.signature(module.forward)
+        bound = sig.bind(*call[0], **call[1])
     except (TypeError, ValueError):
         return call
-    if "use_cache" not in inspect.signature(module.forward).parameters or \
-            bound.arguments.get("use_cache") is False:
+    if "use_cache" not in sig.parameters or bound.arguments.get("use_cache") is False:
         return call
     bound.arguments["use_cache"] = False
     return bound.args, bound.kwargs

@@ -73,7 +73,7 @@ def prepare(target: nn.Module, analysis: Analysis, chosen: list[Residual], probs
         while rs and untraceable is None:
             try:
                 programs.append(_program(target, owner, rs, probs, ctrl, ft,
-                                         _add_count(analysis, owner, rs), cache))
+                                         analysis.add_counts.get(owner, 0), cache))
                 break
             except Untraceable as e:
                 untraceable = str(e)
@@ -110,28 +110,32 @@ def _lift_partial(target: nn.Module, analysis: Analysis, chosen: list[Residual],
     BertLayer throws away) is traced inline in its parent instead, when the parent's rewrite
     then cuts every branch whole."""
     groups = _groups(chosen)
+    ft = analysis.trace
     for owner, rs in list(groups.items()):
         if not owner or owner not in groups or any(r.specialised for r in rs):
             continue
-        if not any(_partial(target, c, r, owner) for c, r in zip(_trial(target, owner, rs, analysis, cache), rs)):
+        cuts = _trial(target, owner, rs, ft, analysis.add_counts.get(owner, 0), cache)
+        if not any(_partial(target, c, r, owner) for c, r in zip(cuts, rs)):
             continue
-        parent, child = owner.rpartition(".")[0], owner.rpartition(".")[2] if "." in owner else owner
+        parent, _, child = owner.rpartition(".")
         inline = {child, *(f"{child}.{p}" for p in rs[0].inline)}
         inline |= set(groups[parent][0].inline) if parent in groups else set()
-        moved = _relocate(target, analysis, groups.get(parent, []) + rs, parent, tuple(sorted(inline)))
-        if moved is None:
+        relocated = _relocate(target, ft, groups.get(parent, []) + rs, parent, tuple(sorted(inline)))
+        if relocated is None:
             continue
-        cuts = _trial(target, parent, moved, analysis, cache)
+        moved, add_count = relocated
+        cuts = _trial(target, parent, moved, ft, add_count, cache)
         if len(cuts) == len(moved) and not any(_partial(target, c, r, parent) for c, r in zip(cuts, moved)):
             groups.pop(owner)
             groups[parent] = moved
+            analysis.add_counts[parent] = add_count  # the adds of its trace with these inline
     return groups
 
 
-def _trial(target: nn.Module, owner: str, rs: list[Residual], analysis: Analysis,
+def _trial(target: nn.Module, owner: str, rs: list[Residual], ft: FlatTrace, add_count: int,
            cache: dict[Any, Rewrite]) -> list:
     try:
-        return _rewrite_for(target, owner, rs, analysis.trace, _add_count(analysis, owner, rs), cache)[0].cuts
+        return _rewrite_for(target, owner, rs, ft, add_count, cache)[0].cuts
     except Skip:
         return []
 
@@ -143,17 +147,17 @@ def _partial(target: nn.Module, cut, r: Residual, owner: str) -> bool:
                and not any(m == h or m.startswith(h + ".") for h in have) for m in r.modules)
 
 
-def _relocate(target: nn.Module, analysis: Analysis, rs: list[Residual], owner: str,
-              inline: tuple[str, ...]) -> list[Residual] | None:
-    """``rs`` owned by ``owner`` with ``inline``: their adds found in that trace by the module
-    that made them (None when it cannot be traced so)."""
-    calls = analysis.trace.calls.get(owner, [])
+def _relocate(target: nn.Module, ft: FlatTrace, rs: list[Residual], owner: str,
+              inline: tuple[str, ...]) -> tuple[list[Residual], int] | None:
+    """``rs`` owned by ``owner`` with ``inline`` (their adds found in that trace by the module
+    that made them) and how many adds that trace shows; None when it cannot be traced so."""
+    calls = ft.calls.get(owner, [])
     block = target.get_submodule(owner)
     concrete = calls[0].concrete_args(block) if len(calls) == 1 else None
     if concrete is None:
         return None
     try:
-        graph = trace_block(block, concrete, analysis.trace.autowrap_functions, inline=inline)
+        graph = trace_block(block, concrete, ft.autowrap_functions, inline=inline)
     except Exception:
         return None
     adds = [n for n in graph.nodes if is_add_call(n)]
@@ -169,17 +173,7 @@ def _relocate(target: nn.Module, analysis: Analysis, rs: list[Residual], owner: 
         if r.owner != owner and not r.owner.startswith(owner + ".") or r.add_position >= len(mine):
             return None
         out.append(replace(r, owner=owner, inline=inline, add_position=whole.index(mine[r.add_position])))
-    analysis.add_counts[_scope_key(owner, inline)] = len(whole)
-    return out
-
-
-def _scope_key(owner: str, inline: tuple[str, ...]) -> str:
-    return f"{owner} with {', '.join(inline)} inline"  # not a module path
-
-
-def _add_count(analysis: Analysis, owner: str, rs: list[Residual]) -> int:
-    """How many adds the owner's trace shows (with its residuals' inline modules)."""
-    return analysis.add_counts.get(_scope_key(owner, rs[0].inline), analysis.add_counts.get(owner, 0))
+    return out, len(whole)
 
 
 def _rewrite_for(target: nn.Module, owner: str, residuals: list[Residual], ft: FlatTrace, add_count: int,

@@ -385,7 +385,8 @@ def compile_graph(graph: fx.Graph, label: str) -> Callable:
     # The module is `self` in the code, unless a node has that name (BertAttention's child
     # module `self`): then the module is `self_`.
     root = "self_" if any(n.name == "self" for n in graph.nodes) else "self"
-    if pytree_info(graph) is not None:
+    info = pytree_info(graph)
+    if info is not None:
         # fx writes the defaults of flattened placeholders into a tuple assignment, which is
         # not Python (`a, b = None, = ...`); callers pass every argument, so drop them.
         for n in graph.nodes:
@@ -395,7 +396,6 @@ def compile_graph(graph: fx.Graph, label: str) -> Callable:
     src, namespace = code.src, dict(code.globals)
     if root != "self":  # fx writes `def forward(self, ...` whatever the root's name
         src = src.replace("def forward(self", f"def forward({root}", 1)
-    info = pytree_info(graph)
     if info is not None:
         # Blocks called with tuples / dicts get pytree-flattening code that reads the specs from
         # a GraphModule's attributes; hand them to the function instead (the block has none).
