@@ -7,8 +7,8 @@ backward.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
-
 from typing import Any, Callable
 
 import torch
@@ -18,8 +18,8 @@ from ..errors import NotConvertedError
 from .schedules import Schedule, check_rate, rescale, spread
 
 __all__ = ["MODES", "SCALINGS", "CONTROLLER_ATTR", "FOLDED_ATTR", "FOLDED_FROM_ATTR", "Decision", "decide",
-           "GateController", "GateSpec", "StochasticDepthGate", "GateHook", "converted_parts",
-           "controller_of", "is_converted", "installed_gates"]
+           "GateController", "GateSpec", "StochasticDepthGate", "GateHook", "gate_caller", "own_code",
+           "converted_parts", "controller_of", "is_converted", "installed_gates"]
 
 MODES = ("block", "sample")
 SCALINGS = ("expectation", "inverted")
@@ -40,6 +40,7 @@ class Decision:
 
     keep: "bool | torch.Tensor | None"
     scale: float
+    index: "torch.Tensor | None" = None  # sample mode, some samples kept: their indices
 
 
 def decide(p: float, mode: str, scaling: str, n: int, generator: torch.Generator,
@@ -217,53 +218,126 @@ class StochasticDepthGate(nn.Module):
 
     @torch.compiler.disable  # drawn eagerly every step; compiled graphs never see the probability
     def _decide(self, n: int) -> "Decision":
-        return decide(self.drop_prob, self.controller.mode, self.controller.scaling, n,
-                      self.controller.generator, self.training and not self.frozen)
+        d = decide(self.drop_prob, self.controller.mode, self.controller.scaling, n,
+                   self.controller.generator, self.training and not self.frozen)
+        if d.keep is None:  # all on: the keep path (one compiled graph for both)
+            return Decision(True, d.scale)
+        if not isinstance(d.keep, torch.Tensor):
+            return d
+        # Sample mode, resolved here (eagerly) so that what follows has no data-dependent
+        # Python: no sample kept is a block drop, every sample kept a block keep.
+        kept = int(d.keep.sum())
+        if kept == 0 or kept == n:
+            return Decision(kept == n, d.scale)
+        return Decision(d.keep, d.scale, d.keep.nonzero().squeeze(1))
 
     def forward(self, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor | None,
                 *inputs: Any) -> torch.Tensor:
         if shortcut is None:  # a value the block adds in parts (ReXNet's slices): masked
             return self.mask(branch(*inputs))
-        n = shortcut.shape[0]
-        d = self._decide(n)
-        if d.keep is None or d.keep is True:
+        return self._through(self._decide(shortcut.shape[0]), branch, shortcut, inputs)
+
+    def _through(self, d: Decision, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor,
+                 inputs: tuple) -> torch.Tensor:
+        """``shortcut`` plus the branch as decision ``d`` lets it through."""
+        if d.keep is True:
             out = branch(*inputs)
             return shortcut + (out if d.scale == 1.0 else out * d.scale)
-        if d.keep is False:
-            # A fresh tensor: the next op may be in-place (ReLU(inplace=True)) and the
-            # shortcut may be saved for backward.
-            return shortcut.clone()
-        keep, scale = d.keep, d.scale
-        kept = int(keep.sum())
-        if kept == 0:
-            return shortcut.clone()
-        if kept == n:
-            out = branch(*inputs)
-            return shortcut + (out if scale == 1.0 else out * scale)
-        if self.sample_fallback:
-            mask = keep.to(device=shortcut.device, dtype=shortcut.dtype)
-            mask = mask.view(n, *([1] * (shortcut.dim() - 1))) * scale
-            return shortcut + branch(*inputs) * mask
-        idx = keep.nonzero().squeeze(1).to(shortcut.device, non_blocking=True)
-        sub = [x.index_select(0, idx) if b and isinstance(x, torch.Tensor) and x.dim() > 0
-               and x.shape[0] == n else x for x, b in zip(inputs, self.batched)]
-        out = branch(*sub)
-        if scale != 1.0:
-            out = out * scale
-        return shortcut.index_add(0, idx, out.to(shortcut.dtype))
+        return (_dropped if d.keep is False else _some_kept)(self, d, branch, shortcut, inputs)
 
     def mask(self, out: torch.Tensor) -> torch.Tensor:
         """The branch value ``out``, computed already, as the gate lets it through: zeros when
         dropped (block mode), zeroed on dropped samples (sample mode), scaled as ``forward``
         scales it. For branches gated at a module's output (a hook), where nothing is skipped."""
-        d = self._decide(out.shape[0] if out.dim() else 1)
-        if d.keep is None or d.keep is True:
-            return out if d.scale == 1.0 else out * d.scale
-        if d.keep is False:
-            return torch.zeros_like(out)
-        n = out.shape[0]
-        keep = d.keep.to(device=out.device, dtype=out.dtype)
-        return out * (keep.view(n, *([1] * (out.dim() - 1))) * d.scale)
+        return _masked(self, self._decide(out.shape[0] if out.dim() else 1), out)
+
+
+# What a gate does after its decision, one function per kind of decision. Under torch.compile
+# each block structure runs its own copies of them (see gate_caller).
+def _kept(gate: StochasticDepthGate, d: Decision, branch: Callable[..., torch.Tensor],
+          shortcut: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    return shortcut + branch(*inputs) * d.scale  # compiled: one graph whatever the scale
+
+
+def _dropped(gate: StochasticDepthGate, d: Decision, branch: Callable[..., torch.Tensor],
+             shortcut: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    # A fresh tensor: the next op may be in-place (ReLU(inplace=True)) and the shortcut may
+    # be saved for backward.
+    return shortcut.clone()
+
+
+def _some_kept(gate: StochasticDepthGate, d: Decision, branch: Callable[..., torch.Tensor],
+               shortcut: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    n = shortcut.shape[0]
+    if gate.sample_fallback:
+        mask = d.keep.to(device=shortcut.device, dtype=shortcut.dtype)
+        mask = mask.view(n, *([1] * (shortcut.dim() - 1))) * d.scale
+        return shortcut + branch(*inputs) * mask
+    idx = d.index.to(shortcut.device, non_blocking=True)
+    sub = [x.index_select(0, idx) if b and isinstance(x, torch.Tensor) and x.dim() > 0
+           and x.shape[0] == n else x for x, b in zip(inputs, gate.batched)]
+    out = branch(*sub)
+    if d.scale != 1.0:
+        out = out * d.scale
+    return shortcut.index_add(0, idx, out.to(shortcut.dtype))
+
+
+def _masked(gate: StochasticDepthGate, d: Decision, out: torch.Tensor) -> torch.Tensor:
+    if d.keep is True:
+        return out if d.scale == 1.0 else out * d.scale
+    if d.keep is False:
+        return torch.zeros_like(out)
+    n = out.shape[0]
+    keep = d.keep.to(device=out.device, dtype=out.dtype)
+    return out * (keep.view(n, *([1] * (out.dim() - 1))) * d.scale)
+
+
+def _computed(branch: Callable[..., torch.Tensor], inputs: tuple) -> torch.Tensor:
+    return branch(*inputs)
+
+
+def gate_caller(label: str) -> Callable[..., torch.Tensor]:
+    """The function a rewritten block calls its gate through, ``call(gate, branch, shortcut,
+    *inputs)``, for one block structure (``label``: an identifier).
+
+    Eager, it is the module call ``gate(branch, shortcut, *inputs)`` (its hooks run). Under
+    torch.compile the decision is drawn eagerly and what it lets through runs in a compiled
+    function of its own for this structure and this kind of decision (kept / dropped / some
+    samples kept): dynamo caches compiled frames, and counts recompiles, per code object, so a
+    structure's graphs are then one per decision kind and grad / train mode, whichever block
+    and step they come from, and no drop pattern recompiles anything.
+    """
+    paths = {True: own_code(_kept, f"{label}_kept"), False: own_code(_dropped, f"{label}_dropped"),
+             None: own_code(_some_kept, f"{label}_some_kept")}
+    computed, masked = own_code(_computed, f"{label}_computed"), own_code(_masked, f"{label}_masked")
+
+    @torch.compiler.disable(recursive=False)  # this frame eager; the paths it calls compiled
+    def dispatch(gate: StochasticDepthGate, branch: Callable[..., torch.Tensor],
+                 shortcut: torch.Tensor | None, inputs: tuple) -> torch.Tensor:
+        if shortcut is None:  # a value the block adds in parts: masked
+            out = computed(branch, inputs)
+            return masked(gate, gate._decide(out.shape[0] if out.dim() else 1), out)
+        d = gate._decide(shortcut.shape[0])
+        return paths[d.keep if isinstance(d.keep, bool) else None](gate, d, branch, shortcut, inputs)
+
+    def call(gate: StochasticDepthGate, branch: Callable[..., torch.Tensor],
+             shortcut: torch.Tensor | None, *inputs: Any) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            return gate(branch, shortcut, *inputs)
+        return dispatch(gate, branch, shortcut, inputs)
+
+    return own_code(call, label)
+
+
+def own_code(fn: Callable, label: str) -> Callable:
+    """``fn`` with a code object of its own, named ``label`` (an identifier): torch.compile
+    caches compiled frames on code objects, so copies do not share caches or recompile limits."""
+    code = fn.__code__.replace(co_name=label, co_qualname=label)
+    copy = types.FunctionType(code, fn.__globals__, label, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    copy.__dict__.update(fn.__dict__)
+    copy.__doc__ = fn.__doc__
+    return copy
 
 
 class GateHook:

@@ -2,12 +2,14 @@
 
 The block (the *owner* of one or more residual adds) is traced on its own with every child a
 leaf. In that graph each residual's branch nodes are cut out into a separate function of the
-branch's inputs, and the add is replaced by a call to a gate module::
+branch's inputs, and the add is replaced by a call of a gate module (through
+:func:`~sdsurgery.gate.gates.gate_caller`, for torch.compile)::
 
     def forward(self, x):                       # the owner's new forward
         ...
         _sd_branch_0 = self._sd_branch_0        # the branch, as a function of its inputs
-        sd_gate_0 = self.sd_gate_0(_sd_branch_0, shortcut, x)
+        sd_gate_0 = self.sd_gate_0
+        sd_gate_0_of_layer1_0 = sd_gate_0_of_layer1_0(sd_gate_0, _sd_branch_0, shortcut, x)
         ...
 
 The code is generated Python (registered with linecache, so tracebacks, ``inspect`` and
@@ -19,6 +21,7 @@ from __future__ import annotations
 import inspect
 import linecache
 import operator
+import re
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -34,6 +37,7 @@ from ..find.graph import ancestor_masks, drop_dead_getitems, iter_bits, redirect
 from ..find.residuals import Residual
 from ..find.tracing import FlatTrace, trace_block
 from ..ops import get_attr, is_add_call, value_kinds
+from .gates import gate_caller, own_code
 
 __all__ = ["Skip", "Untraceable", "Shared", "Cut", "Rewrite", "rewrite_block", "guarded_forward",
            "structure_key", "reads_training", "compile_graph", "signature_preserving", "short_error"]
@@ -98,7 +102,7 @@ def rewrite_block(block: nn.Module, owner: str, residuals: list[Residual],
             for k, r in enumerate(residuals)]
     graph.lint()  # the rewritten graph is well formed before it becomes code
     forward = signature_preserving(compile_graph(graph, f"forward {owner or '<model>'}"), block,
-                                   placeholders)
+                                   placeholders, owner)
     return Rewrite(forward=forward, cuts=cuts)
 
 
@@ -149,7 +153,9 @@ def _cut(graph: fx.Graph, block: nn.Module, owner: str, k: int, r: Residual, add
         anchor = min(whole.users, key=lambda u: order[u])
     with graph.inserting_before(anchor):
         fn_node = graph.get_attr(fn_attr)
-        gate_node = graph.call_module(gate_attr, (fn_node, s if whole is None else None, *inputs))
+        call = gate_caller(f"{gate_attr}_of_{_identifier(owner)}")  # for torch.compile
+        gate_node = graph.call_function(call, (graph.get_attr(gate_attr), fn_node,
+                                               s if whole is None else None, *inputs))
     if whole is None:
         add.replace_all_uses_with(gate_node)
         graph.erase_node(add)
@@ -272,6 +278,7 @@ def guarded_forward(rewritten: Callable, block: nn.Module, sizes: dict[str, tupl
             for g in gates:
                 g.hook_bypass = False
 
+    forward = own_code(forward, f"sd_guarded_{rewritten.__code__.co_name}")
     forward.__doc__ = rewritten.__doc__ + " (for calls like the traced one)"
     forward.__wrapped_impl__ = impl  # type: ignore[attr-defined]
     return forward
@@ -409,8 +416,10 @@ def compile_graph(graph: fx.Graph, label: str) -> Callable:
     return namespace["forward"]
 
 
-def signature_preserving(impl: Callable, block: nn.Module, placeholders: list[fx.Node]) -> Callable:
-    """Wrap ``impl(self, *placeholders)`` so the block keeps its forward signature."""
+def signature_preserving(impl: Callable, block: nn.Module, placeholders: list[fx.Node],
+                         owner: str = "") -> Callable:
+    """Wrap ``impl(self, *placeholders)`` so the block keeps its forward signature (a wrapper
+    with its own code object: see :func:`~sdsurgery.gate.gates.own_code`)."""
     sig = inspect.signature(block.forward)
     params = list(sig.parameters.values())
     n = len(placeholders)
@@ -424,6 +433,12 @@ def signature_preserving(impl: Callable, block: nn.Module, placeholders: list[fx
         bound.apply_defaults()
         return impl(self, *bound.args, **bound.kwargs)
 
+    forward = own_code(forward, f"sd_forward_of_{_identifier(owner)}")
     forward.__doc__ = f"sdsurgery: {type(block).__name__}.forward with stochastic-depth gates"
     forward.__wrapped_impl__ = impl  # type: ignore[attr-defined]
     return forward
+
+
+def _identifier(owner: str) -> str:
+    """A module path as a Python identifier (for code object names)."""
+    return re.sub(r"\W", "_", owner) or "model"
