@@ -371,10 +371,11 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
           drop_rate: float = typer.Option(0.5, help="Drop rate of the converted model."),
           mode: str = typer.Option("block", help="block | sample"),
           device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
-          dtype: str = typer.Option("fp32", help="fp32 | bf16 (autocast)"),
+          dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16 (autocast)"),
           arg: List[str] = typer.Option([], "--arg", help="Factory keyword argument key=value (repeatable)."),
           json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
-          compile_: bool = typer.Option(False, "--compile", help="Time the training steps under torch.compile (inductor)."),
+          compile_: bool = typer.Option(False, "--compile", help="Time the training steps under torch.compile (beside the converted model eager)."),
+          compile_backend: str = typer.Option("inductor", help="torch.compile backend for --compile."),
           channels_last: bool = typer.Option(False, "--channels-last", help="Models and inputs in channels_last memory format."),
           ) -> None:
     """Training-step time of the converted model against the original (and the architecture's
@@ -383,13 +384,18 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
 
     Example: sdsurgery bench resnet50 --batch-size 16 --image-size 64 --steps 20
     """
-    from sdsurgery.bench import run_bench
+    import torch
+
+    from sdsurgery.bench import DTYPES, run_bench
 
     _checks(drop_rate, "linear", mode, "expectation")
     _positive(batch_size=batch_size, image_size=image_size, steps=steps)
     _check_device(device)
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if compile_ and compile_backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise ValueError(f"--compile-backend {compile_backend!r} is not a torch.compile backend; "
+                         f"choose one of {', '.join(torch.compiler.list_backends())}")
     kwargs = _parse_args(arg)
     probe = sdsurgery.create_model(model, pretrained=False, num_classes=10, **kwargs)
     spec = sdsurgery.io.models.source_of(probe).spec
@@ -401,35 +407,43 @@ def bench(model: str = typer.Argument(..., help=MODEL_HELP),
 
     result = run_bench(build, name=spec, native=native, drop_rate=drop_rate, mode=mode,
                        batch_size=batch_size, image_size=image_size, steps=steps, device=device,
-                       dtype=dtype, compile="inductor" if compile_ else None, channels_last=channels_last)
-    extra = (", compiled" if compile_ else "") + (", channels_last" if channels_last else "")
-    table = Table(title=f"{spec}: {batch_size} x {image_size} px, {dtype}, {device}{extra}, "
-                        f"median of {steps} steps")
-    table.add_column("training step")
-    table.add_column("ms", justify="right")
-    table.add_column("IQR", justify="right")
-    table.add_column("ratio", justify="right")
-    table.add_column("saved MB", justify="right")
-    table.add_column("ratio", justify="right")
-    for k, ms in result.train_ms.items():
-        q1, q3 = result.train_iqr_ms[k]
-        table.add_row(k, f"{ms:.1f}", f"{q1:.1f}-{q3:.1f}", f"{result.train_ratio[k]:.3f}",
-                      f"{result.saved_mb[k]:.1f}", f"{result.saved_ratio[k]:.3f}")
-    table.add_row(f"theory (FLOPs) for sdsurgery {mode} {drop_rate:g}", "", "", f"{result.theory:.3f}", "", "")
-    console.print(table)
-    console.print(f"eval latency: folded {result.eval_ms['folded']:.1f} ms, original "
-                  f"{result.eval_ms['original']:.1f} ms, ratio {result.eval_ratio['folded']:.3f}",
-                  markup=False)
-    if compile_:
-        console.print("warm-up (3 steps, compiling): " + ", ".join(
-            f"{k} {s:.1f} s" for k, s in result.warmup_s.items()), markup=False)
-    for note in result.notes:
-        console.print(f"note: {note}", markup=False)
+                       dtype=dtype, compile=compile_backend if compile_ else None, channels_last=channels_last)
+    _print_bench(result)
     if json_out is not None:
         tmp = json_out.with_name(f".{json_out.name}.tmp")
         tmp.write_text(json.dumps(result.to_dict(), indent=2))
         tmp.replace(json_out)  # never a truncated file
         console.print(f"wrote {json_out}", markup=False)
+
+
+def _print_bench(result) -> None:
+    spec, mode, drop_rate = result.model, result.mode, result.drop_rate
+    extra = (f", compiled ({result.compile})" if result.compile else "") + (", channels_last" if result.channels_last else "")
+    table = Table(title=f"{spec}: {result.batch_size} x {result.image_size} px, {result.dtype}, "
+                        f"{result.device}{extra}, median of {result.steps} steps")
+    columns = ["training step", "ms", "IQR", "ratio", "saved MB", "ratio"]
+    columns += ["peak MB"] if result.peak_mb else []
+    columns += ["warm-up s", "graphs", "after warm-up"] if result.compile else []
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i == 0 else "right")
+    for k, ms in result.train_ms.items():
+        q1, q3 = result.train_iqr_ms[k]
+        row = [k, f"{ms:.1f}", f"{q1:.1f}-{q3:.1f}", f"{result.train_ratio[k]:.3f}",
+               f"{result.saved_mb[k]:.1f}", f"{result.saved_ratio[k]:.3f}"]
+        row += [f"{result.peak_mb[k]:.0f}"] if result.peak_mb else []
+        if result.compile:
+            compiled = k in result.graphs
+            row += [f"{result.warmup_s[k]:.1f}" if compiled else "", str(result.graphs[k]) if compiled else "eager",
+                    str(result.graphs_after_warmup[k]) if compiled else ""]
+        table.add_row(*row)
+    table.add_row(f"theory (FLOPs) for sdsurgery {mode} {drop_rate:g}", "", "", f"{result.theory:.3f}",
+                  *[""] * (len(columns) - 4))
+    console.print(table)
+    console.print(f"eval latency: folded {result.eval_ms['folded']:.1f} ms, original "
+                  f"{result.eval_ms['original']:.1f} ms, ratio {result.eval_ratio['folded']:.3f}",
+                  markup=False)
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
 
 
 @app.command()

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 __all__ = ["BATCH_NORM", "INSTANCE_NORM", "CONV", "POOLS", "children_of", "parameters_of",
            "buffers_of", "remove_forward_hook", "pytree_info", "SPEC_ATTRS", "without_fx_patches",
-           "canonical_mask", "none_or_dtype", "detect_is_causal_mask"]
+           "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "compiler_backend"]
 
 # Base classes torch keeps private: every BatchNorm*d / InstanceNorm*d / Conv*d and pooling layer.
 BATCH_NORM: type = nn.modules.batchnorm._BatchNorm
@@ -68,3 +68,11 @@ def without_fx_patches() -> contextlib.AbstractContextManager:
 canonical_mask = nn.functional._canonical_mask
 none_or_dtype = nn.functional._none_or_dtype
 detect_is_causal_mask = nn.modules.transformer._detect_is_causal_mask
+
+
+def compiler_backend(name: str):
+    """The torch.compile backend registered as ``name`` (``"inductor"``, ``"eager"``...), as
+    the callable ``backend(graph_module, example_inputs)`` (to wrap it: count its graphs)."""
+    from torch._dynamo import lookup_backend
+
+    return lookup_backend(name)

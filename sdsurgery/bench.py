@@ -15,20 +15,27 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from ._compat import compiler_backend
 from .flops import flop_report
 from .fold import fold
+from .gate.gates import installed_gates, is_converted
 from .gate.surgery import convert
 
-__all__ = ["time_train_steps", "time_eval", "median", "quartiles", "saved_activation_bytes",
-           "BenchResult", "run_bench"]
+__all__ = ["time_train_steps", "forced_drop_prob", "CountingBackend", "peak_memory_bytes", "time_eval",
+           "median", "quartiles", "saved_activation_bytes", "DTYPES", "BenchResult", "run_bench"]
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 
 
 def time_train_steps(variants: dict[str, nn.Module], make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                      steps: int = 20, warmup: int = 3,
-                     warmup_s: dict[str, float] | None = None) -> dict[str, list[float]]:
+                     warmup_s: dict[str, float] | None = None,
+                     warm_context: Callable[[str, int], contextlib.AbstractContextManager] | None = None
+                     ) -> dict[str, list[float]]:
     """Seconds per SGD training step (forward, cross-entropy, backward, update) of each
     variant, measured round-robin: step i of every variant runs before step i+1 of any. The
-    warm-up steps' total per variant goes into ``warmup_s`` (compile time, for compiled ones)."""
+    warm-up steps' total per variant goes into ``warmup_s`` (compile time, for compiled ones);
+    warm-up step ``i`` of variant ``name`` runs inside ``warm_context(name, i)`` if given."""
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9) for k, m in variants.items()}
     times: dict[str, list[float]] = {k: [] for k in variants}
     if warmup_s is not None:
@@ -39,17 +46,64 @@ def time_train_steps(variants: dict[str, nn.Module], make_batch: Callable[[], tu
     for i in range(warmup + steps):
         x, y = make_batch()
         for name, model in variants.items():
+            ctx = warm_context(name, i) if warm_context is not None and i < warmup else contextlib.nullcontext()
             _sync(x)
             t0 = time.perf_counter()
-            opts[name].zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
-            opts[name].step()
+            with ctx:
+                opts[name].zero_grad(set_to_none=True)
+                loss_fn(model(x), y).backward()
+                opts[name].step()
             _sync(x)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
             elif warmup_s is not None:
                 warmup_s[name] += time.perf_counter() - t0
     return times
+
+
+@contextlib.contextmanager
+def forced_drop_prob(model: nn.Module, p: float):
+    """Every gate of a converted ``model`` at drop probability ``p`` for the duration (0: all
+    kept, 1: all dropped in training): a compiled model's warm-up then meets both paths of
+    every gate, whatever the schedule."""
+    gates = installed_gates(model)
+    before = [g.drop_prob for g in gates]
+    for g in gates:
+        g.drop_prob = p
+    try:
+        yield
+    finally:
+        for g, q in zip(gates, before):
+            g.drop_prob = q
+
+
+class CountingBackend:
+    """A torch.compile backend that counts the graphs dynamo hands it, then compiles them with
+    the backend named ``name``."""
+
+    def __init__(self, name: str):
+        self.name, self.backend, self.graphs = name, compiler_backend(name), 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return self.backend(gm, example_inputs)
+
+
+def peak_memory_bytes(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+    """CUDA memory a training step needs above what was allocated before it (peak of
+    ``torch.cuda.max_memory_allocated``); None off CUDA."""
+    x, y = make_batch()
+    if not x.is_cuda:
+        return None
+    torch.cuda.synchronize(x.device)
+    base = torch.cuda.memory_allocated(x.device)
+    torch.cuda.reset_peak_memory_stats(x.device)
+    model.train()
+    nn.functional.cross_entropy(model(x), y).backward()
+    torch.cuda.synchronize(x.device)
+    peak = torch.cuda.max_memory_allocated(x.device) - base
+    model.zero_grad(set_to_none=True)
+    return float(peak)
 
 
 def time_eval(variants: dict[str, nn.Module], x: torch.Tensor, steps: int = 20,
@@ -137,15 +191,40 @@ class BenchResult:
     train_ratio: dict[str, float] = field(default_factory=dict)
     saved_mb: dict[str, float] = field(default_factory=dict)  # activations kept for backward
     saved_ratio: dict[str, float] = field(default_factory=dict)
+    peak_mb: dict[str, float] = field(default_factory=dict)  # CUDA: a training step's peak
     compile: str | None = None  # torch.compile backend the training steps ran under
     channels_last: bool = False
     warmup_s: dict[str, float] = field(default_factory=dict)  # warm-up steps (compiling)
+    graphs: dict[str, int] = field(default_factory=dict)  # compiled during warm-up
+    graphs_after_warmup: dict[str, int] = field(default_factory=dict)  # recompiles: should be 0
     eval_ms: dict[str, float] = field(default_factory=dict)
     eval_ratio: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _variants(build: Callable[..., nn.Module], native: tuple[str, float] | None, drop_rate: float,
+              mode: str, seed: int, dev: torch.device, compiled: bool,
+              notes: list[str]) -> tuple[dict[str, nn.Module], str]:
+    torch.manual_seed(seed)
+    original = build().to(dev)
+    # A/A: a second copy of the original, timed like the others: its ratio is the noise
+    variants: dict[str, nn.Module] = {"original": original, "original (A/A copy)": copy.deepcopy(original)}
+    variants["sdsurgery p=0"] = convert(original, drop_rate=0.0, seed=seed)
+    label = f"sdsurgery {mode} {drop_rate:g}"
+    variants[label] = convert(original, drop_rate=drop_rate, mode=mode, seed=seed)
+    if native is not None:
+        kw, rate = native
+        try:
+            variants[f"{kw}={rate:g}"] = build(**{kw: rate}).to(dev)
+        except Exception as e:  # the architecture has no such argument
+            notes.append(f"{kw} not supported by this architecture ({type(e).__name__})")
+    if compiled:  # the converted model uncompiled beside the compiled ones
+        variants[f"{label} (eager)"] = copy.deepcopy(variants[label])
+    return variants, label
 
 
 def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, float] | None,
@@ -156,44 +235,40 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
     """Time training steps of the original model, the converted one at ``drop_rate`` and at 0
     (gate overhead), and the architecture's own drop-path (``native = (kwarg, rate)``, e.g.
     ``("drop_path_rate", 0.5)``) when it has one; then eval of the folded model against the
-    original. ``build(**kwargs)`` returns a fresh randomly initialised model."""
-
-    torch.manual_seed(seed)
+    original. ``build(**kwargs)`` returns a fresh randomly initialised model. With ``compile``
+    (a torch.compile backend name) every variant's training steps run compiled, beside the
+    converted model eager; its first two warm-up steps keep, then drop, every branch."""
     dev = torch.device(device)
-    original = build().to(dev)
-    # A/A: a second copy of the original, timed like the others: its ratio is the noise
-    variants: dict[str, nn.Module] = {"original": original, "original (A/A copy)": copy.deepcopy(original)}
-    variants["sdsurgery p=0"] = convert(original, drop_rate=0.0, seed=seed)
-    label = f"sdsurgery {mode} {drop_rate:g}"
-    variants[label] = convert(original, drop_rate=drop_rate, mode=mode, seed=seed)
     notes: list[str] = []
-    if native is not None:
-        kw, rate = native
-        try:
-            variants[f"{kw}={rate:g}"] = build(**{kw: rate}).to(dev)
-        except Exception as e:  # the architecture has no such argument
-            notes.append(f"{kw} not supported by this architecture ({type(e).__name__})")
-    x0 = torch.randn(1, 3, image_size, image_size, device=dev)
-    theory = flop_report(variants[label], x0).expected_fraction
+    variants, label = _variants(build, native, drop_rate, mode, seed, dev, bool(compile), notes)
+    theory = flop_report(variants[label], torch.randn(1, 3, image_size, image_size, device=dev)).expected_fraction
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for m in variants.values():
         m.to(memory_format=fmt)
-    # the training steps of every variant under torch.compile (backend ``compile``), if asked
-    timed = {k: torch.compile(m, backend=compile) if compile else m for k, m in variants.items()}
-    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if dtype == "bf16"
+    backends = {k: CountingBackend(compile) for k in variants if compile and not k.endswith("(eager)")}
+    timed = {k: torch.compile(m, backend=backends[k]) if k in backends else m for k, m in variants.items()}
+    autocast = (torch.autocast(device_type=dev.type, dtype=DTYPES[dtype]) if DTYPES[dtype] is not None
                 else contextlib.nullcontext())
 
     def batch():
         return (torch.randn(batch_size, 3, image_size, image_size, device=dev).to(memory_format=fmt),
                 torch.randint(0, num_classes, (batch_size,), device=dev))
 
+    def warm_context(k: str, i: int):
+        forced = k in backends and i < 2 and is_converted(variants[k])
+        return forced_drop_prob(variants[k], float(i)) if forced else contextlib.nullcontext()
+
     warm: dict[str, float] = {}
     with autocast:
-        train = time_train_steps(timed, batch, steps=steps, warmup=warmup, warmup_s=warm)
+        train = time_train_steps(timed, batch, steps=0, warmup=warmup, warmup_s=warm, warm_context=warm_context)
+        graphs = {k: b.graphs for k, b in backends.items()}
+        train = time_train_steps(timed, batch, steps=steps, warmup=0)
+        after = {k: b.graphs - graphs[k] for k, b in backends.items()}
         torch.manual_seed(seed + 1)
         saved = {k: saved_activation_bytes(m, batch, steps=min(steps, 8)) for k, m in variants.items()}
+        peak = {k: peak_memory_bytes(m, batch) for k, m in timed.items()}
         folded = fold(variants[label])
-        evals = time_eval({"original": original, "folded": folded},
+        evals = time_eval({"original": variants["original"], "folded": folded},
                           torch.randn(batch_size, 3, image_size, image_size, device=dev),
                           steps=steps, warmup=warmup)
     base, ebase = median(train["original"]), median(evals["original"])
@@ -205,6 +280,25 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
         train_ratio={k: median(v) / base for k, v in train.items()},
         saved_mb={k: b / 2**20 for k, b in saved.items()},
         saved_ratio={k: b / saved["original"] for k, b in saved.items()},
-        compile=compile, channels_last=channels_last, warmup_s=warm,
+        peak_mb={k: b / 2**20 for k, b in peak.items() if b is not None},
+        compile=compile, channels_last=channels_last, warmup_s=warm, graphs=graphs,
+        graphs_after_warmup=after,
         eval_ms={k: median(v) * 1e3 for k, v in evals.items()},
-        eval_ratio={k: median(v) / ebase for k, v in evals.items()}, notes=notes)
+        eval_ratio={k: median(v) / ebase for k, v in evals.items()},
+        versions=_versions(dev), notes=notes)
+
+
+def _versions(dev: torch.device) -> dict[str, str]:
+    import platform
+
+    import timm
+    import torchvision
+
+    from .version import __version__
+
+    out = {"sdsurgery": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+           "timm": timm.__version__, "python": platform.python_version(),
+           "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"}
+    if dev.type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(dev)
+    return out

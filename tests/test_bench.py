@@ -72,13 +72,38 @@ def test_a_compiled_converted_model_draws_new_decisions_every_step():
 
 def test_run_bench_under_torch_compile_and_channels_last():
     """The bench's compiled path (dynamo, eager backend: fast) and channels_last: every variant
-    timed, warm-up time recorded, ratios against the original, exact saved bytes unchanged."""
+    timed, the converted model also eager, warm-up time and graphs counted per variant (the
+    forced keep-all / drop-all warm-up leaves nothing to compile later), ratios against the
+    original, exact saved bytes unchanged."""
     from sdsurgery.bench import run_bench
 
     result = run_bench(lambda **kw: _net(), name="test", native=None, batch_size=2, image_size=16,
-                       steps=2, warmup=1, compile="eager", channels_last=True)
+                       steps=4, warmup=2, compile="eager", channels_last=True)
     assert result.compile == "eager" and result.channels_last
-    assert set(result.train_ms) == set(result.warmup_s) == {
-        "original", "original (A/A copy)", "sdsurgery p=0", "sdsurgery block 0.5"}
+    compiled = {"original", "original (A/A copy)", "sdsurgery p=0", "sdsurgery block 0.5"}
+    assert set(result.train_ms) == set(result.warmup_s) == compiled | {"sdsurgery block 0.5 (eager)"}
+    assert set(result.graphs) == compiled and result.graphs["original"] == 1  # one whole graph
+    assert result.graphs["sdsurgery block 0.5"] > 1  # broken at the gates' draws
+    assert result.graphs_after_warmup == dict.fromkeys(compiled, 0)
     assert all(s > 0 for s in result.warmup_s.values()) and result.train_ratio["original"] == 1.0
     assert result.saved_ratio["sdsurgery p=0"] == 1.0
+    assert result.peak_mb == {}  # CUDA only
+    assert result.versions["torch"] == torch.__version__
+
+
+def test_forced_drop_prob_keeps_or_drops_every_branch_then_restores():
+    from sdsurgery.bench import forced_drop_prob
+
+    model = sdsurgery.convert(_net(), drop_rate=0.3).train()
+    before = [g.drop_prob for g in sdsurgery.gates(model)]
+    calls = []
+    model[1].conv1.register_forward_hook(lambda *a: calls.append(1))  # the first branch's conv
+    x, _ = _batch()
+    with forced_drop_prob(model, 1.0):
+        for _ in range(5):
+            model(x)
+    assert calls == []
+    with forced_drop_prob(model, 0.0):
+        for _ in range(5):
+            model(x)
+    assert len(calls) == 5 and [g.drop_prob for g in sdsurgery.gates(model)] == before

@@ -107,6 +107,8 @@ def test_bench_writes_json(tmp_path):
     (["bench", "resnet18", "--steps", "0"], ["--steps must be at least 1, got 0"]),
     (["bench", "resnet18", "--image-size", "0"], ["--image-size must be at least 1"]),
     (["bench", "resnet18", "--device", "tpu"], ["--device 'tpu' is not a device"]),
+    (["bench", "resnet18", "--dtype", "fp8"], ["--dtype must be one of fp32, bf16, fp16, got 'fp8'"]),
+    (["bench", "resnet18", "--compile", "--compile-backend", "nope"], ["'nope' is not a torch.compile backend", "inductor"]),
     (["eval", "{tmp}/junk.safetensors", "--dataset", "digits", "--image-size", "0"], ["--image-size must be at least 1"]),
     (["eval", "{tmp}/junk.safetensors", "--dataset", "digits", "--batch-size", "-1"], ["--batch-size must be at least 1"]),
     (["finetune", "{tmp}/empty.yaml"], ["is empty"]),

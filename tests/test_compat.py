@@ -87,3 +87,18 @@ def test_transformer_mask_helpers():
     causal = nn.Transformer.generate_square_subsequent_mask(3)
     assert _compat.detect_is_causal_mask(causal, None, 3) is True
     assert _compat.detect_is_causal_mask(None, None, 3) is False
+
+
+def test_compiler_backends_by_name_are_callables_dynamo_accepts():
+    seen = []
+    eager = _compat.compiler_backend("eager")
+
+    def counting(gm, example_inputs):
+        seen.append(gm)
+        return eager(gm, example_inputs)
+
+    torch.compiler.reset()
+    f = torch.compile(lambda x: torch.relu(x) + 1, backend=counting)
+    torch.testing.assert_close(f(torch.tensor([-1.0, 2.0])), torch.tensor([1.0, 3.0]))
+    assert len(seen) == 1 and callable(_compat.compiler_backend("inductor"))
+    torch.compiler.reset()

@@ -252,8 +252,7 @@ class StochasticDepthGate(nn.Module):
         return _masked(self, self._decide(out.shape[0] if out.dim() else 1), out)
 
 
-# What a gate does after its decision, one function per kind of decision. Under torch.compile
-# each block structure runs its own copies of them (see gate_caller).
+# What a gate does after its decision, one function per kind of decision (see gate_caller).
 def _kept(gate: StochasticDepthGate, d: Decision, branch: Callable[..., torch.Tensor],
           shortcut: torch.Tensor, inputs: tuple) -> torch.Tensor:
     return shortcut + branch(*inputs) * d.scale  # compiled: one graph whatever the scale
@@ -292,8 +291,7 @@ def _masked(gate: StochasticDepthGate, d: Decision, out: torch.Tensor) -> torch.
     return out * (keep.view(n, *([1] * (out.dim() - 1))) * d.scale)
 
 
-def _computed(branch: Callable[..., torch.Tensor], inputs: tuple) -> torch.Tensor:
-    return branch(*inputs)
+_PATHS = {True: _kept, False: _dropped, None: _some_kept}
 
 
 def gate_caller(label: str) -> Callable[..., torch.Tensor]:
@@ -301,30 +299,23 @@ def gate_caller(label: str) -> Callable[..., torch.Tensor]:
     *inputs)``, for one block structure (``label``: an identifier).
 
     Eager, it is the module call ``gate(branch, shortcut, *inputs)`` (its hooks run). Under
-    torch.compile the decision is drawn eagerly and what it lets through runs in a compiled
-    function of its own for this structure and this kind of decision (kept / dropped / some
-    samples kept): dynamo caches compiled frames, and counts recompiles, per code object, so a
-    structure's graphs are then one per decision kind and grad / train mode, whichever block
-    and step they come from, and no drop pattern recompiles anything.
+    torch.compile the decision is drawn eagerly (a graph break at ``_decide``) and dynamo
+    resumes in this function to trace the path the decision takes (kept / dropped / some
+    samples kept). Every block structure has its own copy of this code: dynamo caches
+    compiled frames, and counts recompiles, per code object, so a structure's graphs are one
+    per path and grad / train mode, whichever block and step they come from (at most 6 in
+    block mode: kept in train / eval, with / without grad; dropped in training), and no drop
+    pattern recompiles anything.
     """
-    paths = {True: own_code(_kept, f"{label}_kept"), False: own_code(_dropped, f"{label}_dropped"),
-             None: own_code(_some_kept, f"{label}_some_kept")}
-    computed, masked = own_code(_computed, f"{label}_computed"), own_code(_masked, f"{label}_masked")
-
-    @torch.compiler.disable(recursive=False)  # this frame eager; the paths it calls compiled
-    def dispatch(gate: StochasticDepthGate, branch: Callable[..., torch.Tensor],
-                 shortcut: torch.Tensor | None, inputs: tuple) -> torch.Tensor:
-        if shortcut is None:  # a value the block adds in parts: masked
-            out = computed(branch, inputs)
-            return masked(gate, gate._decide(out.shape[0] if out.dim() else 1), out)
-        d = gate._decide(shortcut.shape[0])
-        return paths[d.keep if isinstance(d.keep, bool) else None](gate, d, branch, shortcut, inputs)
-
     def call(gate: StochasticDepthGate, branch: Callable[..., torch.Tensor],
              shortcut: torch.Tensor | None, *inputs: Any) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             return gate(branch, shortcut, *inputs)
-        return dispatch(gate, branch, shortcut, inputs)
+        if shortcut is None:  # a value the block adds in parts: masked
+            out = branch(*inputs)
+            return _masked(gate, gate._decide(out.shape[0] if out.dim() else 1), out)
+        d = gate._decide(shortcut.shape[0])
+        return _PATHS[d.keep if isinstance(d.keep, bool) else None](gate, d, branch, shortcut, inputs)
 
     return own_code(call, label)
 
