@@ -19,6 +19,7 @@ import functools
 import inspect
 import math
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -88,9 +89,20 @@ class ModuleCall:
         return concrete
 
 
+def _untraced(value: Any) -> Any:
+    """``value`` with each proxy in it (in tuples, lists, dicts) replaced by a :class:`_Traced`."""
+    if isinstance(value, fx.Proxy):
+        return _Traced(value.node)
+    if type(value) in (tuple, list):
+        return type(value)(_untraced(v) for v in value)
+    if type(value) is dict:
+        return {k: _untraced(v) for k, v in value.items()}
+    return value
+
+
 def _is_data(value: Any) -> bool:
     """A traced value, a tensor, or a tuple / list / dict holding one."""
-    if isinstance(value, (fx.Proxy, torch.Tensor)):
+    if isinstance(value, (fx.Proxy, _Traced, torch.Tensor)):
         return True
     if isinstance(value, (list, tuple)):
         return any(_is_data(v) for v in value)
@@ -197,7 +209,7 @@ class _SurgeryTracer(_ExplicitRoot, fx.Tracer):
             name = self.path_of_module(m)
         except NameError:  # made inside a forward: traced through (see _ExplicitRoot)
             return forward(*args, **kwargs)
-        self.calls.setdefault(name, []).append(ModuleCall(tuple(args), dict(kwargs)))
+        self.calls.setdefault(name, []).append(ModuleCall(_untraced(tuple(args)), _untraced(dict(kwargs))))
         standin = traceable_forward(m)
         if standin is not None and not self.is_leaf_module(m, name):
             forward = functools.partial(standin, m)
@@ -211,11 +223,40 @@ class _SurgeryTracer(_ExplicitRoot, fx.Tracer):
             raise
 
 
+class _Value:
+    """An example value of a traced node. Proxies hold it; the node only weakly (``_example_of``):
+    it lives as long as the traced code can still use the value (a proxy of it is alive), so a
+    trace on an example holds a forward's live values, not every value it ever computed."""
+
+    __slots__ = ("value", "__weakref__")
+
+    def __init__(self, value: Any):
+        self.value = value
+
+
+def _example_of(node: fx.Node) -> Any:
+    ref = node.meta.get("example")
+    held = ref if isinstance(ref, _Value) or ref is None else ref()
+    return held.value if held is not None else None
+
+
+class _Traced:
+    """A traced value in a recorded :class:`ModuleCall` (its node, not the proxy: recorded
+    calls must not keep example values alive)."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: fx.Node):
+        self.node = node
+
+
 class _ShapedProxy(fx.Proxy):
     """A proxy that answers size questions with the example's sizes (see :func:`trace_with_example`)."""
 
+    _sd_value: _Value | None = None  # keeps the example value alive while the proxy is
+
     def _example(self):
-        return self.node.meta.get("example")
+        return _example_of(self.node)
 
     def _concrete(attr: str):  # noqa: N805 - a property factory used in the class body
         def get(self):
@@ -281,16 +322,23 @@ class _RunsExamples:
     proxy_class: type = _ShapedProxy
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
-        return self.proxy_class(node, self)
+        p = self.proxy_class(node, self)
+        ref = node.meta.get("example")
+        p._sd_value = ref if isinstance(ref, _Value) or ref is None else ref()
+        return p
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)  # type: ignore[misc]
-        node.meta["example"] = self._run(node)
+        held = _Value(self._run(node))
+        # Inputs and module attributes (parameters made into get_attr nodes without a proxy)
+        # are alive anyway: held by the node. Computed values: weakly (see _Value).
+        node.meta["example"] = held if node.op in ("placeholder", "get_attr") else weakref.ref(held)
+        self._sd_newest = held  # alive until proxy() hands it to the node's first proxy
         return node
 
     def _run(self, node: fx.Node):
         def value(a):
-            return fx.node.map_arg(a, lambda n: n.meta.get("example"))
+            return fx.node.map_arg(a, _example_of)
         args, kwargs = value(node.args), value(node.kwargs)
         # fx patches Module.__call__ / __getattr__ and wrapped functions while tracing: run
         # the example outside those patches.
