@@ -436,8 +436,8 @@ def _print_bench(result) -> None:
             row += [f"{result.warmup_s[k]:.1f}" if compiled else "", str(result.graphs[k]) if compiled else "eager",
                     str(result.graphs_after_warmup[k]) if compiled else ""]
         table.add_row(*row)
-    table.add_row(f"theory (FLOPs) for sdsurgery {mode} {drop_rate:g}", "", "", f"{result.theory:.3f}",
-                  *[""] * (len(columns) - 4))
+    table.add_row(f"theory for sdsurgery {mode} {drop_rate:g}", "", "", f"{result.theory:.3f}", "",
+                  f"{result.saved_theory:.3f}", *[""] * (len(columns) - 6))
     console.print(table)
     console.print(f"eval latency: folded {result.eval_ms['folded']:.1f} ms, original "
                   f"{result.eval_ms['original']:.1f} ms, ratio {result.eval_ratio['folded']:.3f}",

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 __all__ = ["BATCH_NORM", "INSTANCE_NORM", "CONV", "POOLS", "children_of", "parameters_of",
            "buffers_of", "remove_forward_hook", "pytree_info", "SPEC_ATTRS", "without_fx_patches",
-           "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "compiler_backend"]
+           "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "compiler_backend",
+           "saved_tensors_hooks_now", "version_of"]
 
 # Base classes torch keeps private: every BatchNorm*d / InstanceNorm*d / Conv*d and pooling layer.
 BATCH_NORM: type = nn.modules.batchnorm._BatchNorm
@@ -76,3 +78,15 @@ def compiler_backend(name: str):
     from torch._dynamo import lookup_backend
 
     return lookup_backend(name)
+
+
+def saved_tensors_hooks_now():
+    """The ``(pack, unpack)`` hooks of the innermost ``torch.autograd.graph.saved_tensors_hooks``
+    in force, or None (hooks do not compose: one pushed inside another replaces it, so a hook
+    that wants to keep the outer one's work calls it itself)."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+def version_of(t: torch.Tensor) -> int:
+    """How many in-place changes ``t`` has seen (autograd's version counter)."""
+    return t._version

@@ -22,7 +22,7 @@ from .gate.gates import installed_gates, is_converted
 from .gate.surgery import convert
 
 __all__ = ["time_train_steps", "forced_drop_prob", "CountingBackend", "peak_memory_bytes", "time_eval",
-           "median", "quartiles", "saved_activation_bytes", "DTYPES", "BenchResult", "run_bench"]
+           "median", "quartiles", "saved_activation_bytes", "saved_theory", "DTYPES", "BenchResult", "run_bench"]
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtypes
 
@@ -164,6 +164,48 @@ def saved_activation_bytes(model: nn.Module, make_batch: Callable[[], tuple[torc
     return total / steps
 
 
+def saved_theory(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """The expected fraction of the activations a training step keeps for backward, from the
+    gates' drop probabilities and what each branch keeps when it runs (one forward with every
+    branch on): ``1 - sum(p_l * branch_l) / total`` (the analogue of the FLOPs theory)."""
+    gates = installed_gates(model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    owner: dict[int, str] = {}
+    current: list[str] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.data_ptr() not in storages:
+            storages[st.data_ptr()] = st.nbytes()
+            if current:
+                owner[st.data_ptr()] = current[-1]
+        return t
+
+    def enter(gate: nn.Module, args: tuple) -> None:
+        current.append(gate.name)
+
+    def leave(gate: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        current.pop()
+
+    handles = [h for g in gates for h in (g.register_forward_pre_hook(enter), g.register_forward_hook(leave))]
+    x, y = make_batch()
+    try:
+        with forced_drop_prob(model, 0.0), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model.train()
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    finally:
+        for h in handles:
+            h.remove()
+    total = sum(storages.values())
+    branch = {g.name: 0 for g in gates}
+    for ptr, name in owner.items():
+        branch[name] += storages[ptr]
+    return 1.0 - sum(g.drop_prob * branch[g.name] for g in gates) / total if total else 1.0
+
+
 def _sync(x: torch.Tensor) -> None:
     if x.is_cuda:
         torch.cuda.synchronize(x.device)
@@ -191,6 +233,7 @@ class BenchResult:
     train_ratio: dict[str, float] = field(default_factory=dict)
     saved_mb: dict[str, float] = field(default_factory=dict)  # activations kept for backward
     saved_ratio: dict[str, float] = field(default_factory=dict)
+    saved_theory: float = 1.0  # expected saved-activation fraction from per-branch bytes
     peak_mb: dict[str, float] = field(default_factory=dict)  # CUDA: a training step's peak
     compile: str | None = None  # torch.compile backend the training steps ran under
     channels_last: bool = False
@@ -266,6 +309,7 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
         after = {k: b.graphs - graphs[k] for k, b in backends.items()}
         torch.manual_seed(seed + 1)
         saved = {k: saved_activation_bytes(m, batch, steps=min(steps, 8)) for k, m in variants.items()}
+        theory_saved = saved_theory(variants[label], batch)
         peak = {k: peak_memory_bytes(m, batch) for k, m in timed.items()}
         folded = fold(variants[label])
         evals = time_eval({"original": variants["original"], "folded": folded},
@@ -279,7 +323,7 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
         train_iqr_ms={k: tuple(q * 1e3 for q in quartiles(v)) for k, v in train.items()},
         train_ratio={k: median(v) / base for k, v in train.items()},
         saved_mb={k: b / 2**20 for k, b in saved.items()},
-        saved_ratio={k: b / saved["original"] for k, b in saved.items()},
+        saved_ratio={k: b / saved["original"] for k, b in saved.items()}, saved_theory=theory_saved,
         peak_mb={k: b / 2**20 for k, b in peak.items() if b is not None},
         compile=compile, channels_last=channels_last, warmup_s=warm, graphs=graphs,
         graphs_after_warmup=after,

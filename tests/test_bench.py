@@ -107,3 +107,47 @@ def test_forced_drop_prob_keeps_or_drops_every_branch_then_restores():
         for _ in range(5):
             model(x)
     assert len(calls) == 5 and [g.drop_prob for g in sdsurgery.gates(model)] == before
+
+
+def test_saved_theory_matches_the_bytes_of_all_kept_and_all_dropped_steps():
+    """The per-branch theory, checked against two exact measurements: with every branch
+    dropped a step keeps ``1 - share`` of what it keeps with every branch on, so at a uniform
+    drop probability p the expectation is ``1 - p * share``."""
+    from sdsurgery.bench import forced_drop_prob, saved_theory
+
+    model = sdsurgery.convert(_net(), drop_rate=0.4, schedule="uniform")
+    with forced_drop_prob(model, 0.0):
+        kept = saved_activation_bytes(model, _batch)
+    with forced_drop_prob(model, 1.0):
+        dropped = saved_activation_bytes(model, _batch)
+    share = 1 - dropped / kept
+    assert 0.3 < share < 1
+    assert abs(saved_theory(model, _batch) - (1 - 0.4 * share)) < 1e-9
+    assert saved_theory(sdsurgery.convert(_net(), drop_rate=0.0), _batch) == 1.0
+
+
+def test_sample_mode_regathers_inputs_autograd_keeps_anyway():
+    """Sample mode runs a branch on the kept samples: the gathered input its first layer
+    saves is not kept when the full input is saved anyway (after a ReLU): fewer bytes at the
+    same decisions, and exactly the gradients of keeping the gathered copy."""
+    import copy
+
+    import sdsurgery.gate.gates as gates
+
+    model = sdsurgery.convert(_net(), drop_rate=0.5, mode="sample", schedule="uniform", seed=1)
+    twin = copy.deepcopy(model)
+    x, y = _batch()
+    nn.functional.cross_entropy(model.train()(x), y).backward()
+    saved = gates._saved_anyway
+    gates._saved_anyway = lambda t: False
+    try:
+        nn.functional.cross_entropy(twin.train()(x), y).backward()
+        torch.manual_seed(0)
+        without = saved_activation_bytes(copy.deepcopy(twin), _batch, steps=6)
+    finally:
+        gates._saved_anyway = saved
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+    torch.manual_seed(0)
+    with_regather = saved_activation_bytes(copy.deepcopy(twin), _batch, steps=6)
+    assert with_regather < without

@@ -69,7 +69,7 @@ def test_fx_patches_are_undone_inside_a_trace():
 def test_no_private_torch_name_outside_compat():
     private = re.compile(r"\._(BatchNorm|InstanceNorm|ConvNd|AvgPoolNd|MaxPoolNd|AdaptiveAvgPoolNd|modules|"
                          r"parameters|buffers|forward_hooks|forward_pre_hooks|codegen|in_spec|out_spec|canonical_mask|"
-                         r"none_or_dtype|detect_is_causal_mask)\b|"
+                         r"none_or_dtype|detect_is_causal_mask|version|top_saved_tensors_default_hooks)\b|"
                          r"_maybe_revert_all_patches|timm\.layers\._fx|layers import _fx")
     package = Path(_compat.__file__).parent
     found = [f"{p.name}:{i}" for p in package.rglob("*.py") if p.name != "_compat.py"
@@ -102,3 +102,18 @@ def test_compiler_backends_by_name_are_callables_dynamo_accepts():
     torch.testing.assert_close(f(torch.tensor([-1.0, 2.0])), torch.tensor([1.0, 3.0]))
     assert len(seen) == 1 and callable(_compat.compiler_backend("inductor"))
     torch.compiler.reset()
+
+
+def test_the_saved_tensor_hooks_in_force_and_version_counters():
+    assert _compat.saved_tensors_hooks_now() is None
+
+    def pack(t):
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, pack):
+        assert _compat.saved_tensors_hooks_now() == (pack, pack)
+    assert _compat.saved_tensors_hooks_now() is None
+    t = torch.zeros(2)
+    v = _compat.version_of(t)
+    t.add_(1)
+    assert _compat.version_of(t) == v + 1

@@ -229,3 +229,18 @@ def test_a_gate_says_which_modules_a_drop_skips():
     skips = {g.name: g.skips for g in sdsurgery.gates(model)}
     assert skips["stage.0"] == ("stage.0.conv1", "stage.0.bn1", "stage.0.conv2", "stage.0.bn2")
     assert skips["mix"] == ("mix",)
+
+
+def test_sample_mode_scatter_add_has_index_adds_gradients_and_saves_only_indices():
+    from sdsurgery.gate.gates import _IndexAdd
+
+    g = torch.Generator().manual_seed(0)
+    shortcut = torch.randn(6, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    out = torch.randn(3, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.tensor([0, 2, 5])
+    assert torch.autograd.gradcheck(lambda s, o: _IndexAdd.apply(s, idx, o), (shortcut, out))
+    torch.testing.assert_close(_IndexAdd.apply(shortcut, idx, out), shortcut.index_add(0, idx, out))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _IndexAdd.apply(shortcut, idx, out * 2)
+    assert len(saved) == 1 and saved[0] is idx

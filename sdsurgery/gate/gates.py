@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .._compat import saved_tensors_hooks_now, version_of
 from ..errors import NotConvertedError
 from .schedules import Schedule, check_rate, rescale, spread
 
@@ -273,12 +274,86 @@ def _some_kept(gate: StochasticDepthGate, d: Decision, branch: Callable[..., tor
         mask = mask.view(n, *([1] * (shortcut.dim() - 1))) * d.scale
         return shortcut + branch(*inputs) * mask
     idx = d.index.to(shortcut.device, non_blocking=True)
-    sub = [x.index_select(0, idx) if b and isinstance(x, torch.Tensor) and x.dim() > 0
-           and x.shape[0] == n else x for x, b in zip(inputs, gate.batched)]
-    out = branch(*sub)
+    pairs = [(x, x.index_select(0, idx)) if b and isinstance(x, torch.Tensor) and x.dim() > 0
+             and x.shape[0] == n else (x, x) for x, b in zip(inputs, gate.batched)]
+    sub = [s for _, s in pairs]
+    regather = [(x, s) for x, s in pairs if s is not x and _saved_anyway(x)]
+    if regather and not torch.compiler.is_compiling():
+        with _Regathering(regather, idx):
+            out = branch(*sub)
+    else:
+        out = branch(*sub)
     if d.scale != 1.0:
         out = out * d.scale
-    return shortcut.index_add(0, idx, out.to(shortcut.dtype))
+    return _IndexAdd.apply(shortcut, idx, out.to(shortcut.dtype))
+
+
+class _IndexAdd(torch.autograd.Function):
+    """``shortcut.index_add(0, idx, out)`` that saves only ``idx`` for backward (torch's own
+    saves ``out`` too, though its gradient needs only the indices: a kept-size copy of every
+    branch's output per step)."""
+
+    @staticmethod
+    def forward(ctx: Any, shortcut: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(idx)
+        return shortcut.index_add(0, idx, out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        (idx,) = ctx.saved_tensors
+        return grad, None, grad.index_select(0, idx)
+
+
+_SAVES_RESULT: dict[type, bool] = {}
+
+
+def _saved_anyway(x: torch.Tensor) -> bool:
+    """Whether autograd keeps ``x`` for backward whatever the branch does: the op that made it
+    saves its result (ReLU, sigmoid...; read from the node's attributes, not unpacked)."""
+    fn = x.grad_fn
+    if fn is None:  # (a view's node is a view op's, which saves no result)
+        return False
+    kind = type(fn)
+    if kind not in _SAVES_RESULT:
+        _SAVES_RESULT[kind] = "_saved_result" in dir(fn)
+    return _SAVES_RESULT[kind]
+
+
+class _Regathered:
+    __slots__ = ("packed", "idx", "version")
+
+    def __init__(self, packed: Any, idx: torch.Tensor, version: int):
+        self.packed, self.idx, self.version = packed, idx, version
+
+
+class _Regathering(torch.autograd.graph.saved_tensors_hooks):
+    """While a branch runs on the kept samples: a gathered input that a layer saves for backward
+    is not kept; the full input it came from is (autograd keeps that one anyway, see
+    :func:`_saved_anyway`), and backward gathers it again. Hooks in force outside (activation
+    offloading, the bench's byte counter) still see every tensor: they pack the full input."""
+
+    def __init__(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], idx: torch.Tensor):
+        outer = saved_tensors_hooks_now()
+        opack, ounpack = outer if outer is not None else (None, None)
+
+        def pack(t: torch.Tensor) -> Any:
+            for x, s in pairs:
+                if (t.data_ptr() == s.data_ptr() and t.shape == s.shape and t.dtype == s.dtype
+                        and t.stride() == s.stride()):
+                    return _Regathered(opack(x) if opack else x, idx, version_of(x))
+            return opack(t) if opack else t
+
+        def unpack(p: Any) -> torch.Tensor:
+            if not isinstance(p, _Regathered):
+                return ounpack(p) if ounpack else p
+            x = ounpack(p.packed) if ounpack else p.packed
+            if version_of(x) != p.version:
+                raise RuntimeError("sdsurgery: a branch input saved for backward was modified "
+                                   "in place after the forward (sample mode); do not change a "
+                                   "block's input in place")
+            return x.index_select(0, p.idx)
+
+        super().__init__(pack, unpack)
 
 
 def _masked(gate: StochasticDepthGate, d: Decision, out: torch.Tensor) -> torch.Tensor:
