@@ -434,3 +434,20 @@ def test_data_workers_do_not_change_the_result(tmp_path, no_md5):
         assert r.exit_code == 0, r.output
     a, b = (load_file(str(tmp_path / w / "model.safetensors")) for w in ("0", "2"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compile_true_trains_the_compiled_model_and_exports_the_plain_one(tmp_path, no_md5):
+    """train.compile: accelerate's dynamo plugin compiles the converted model (the eager
+    backend keeps the test fast); the run trains, skips, folds and exports as without it."""
+    write_cifar10(tmp_path / "data", n_train=24, n_test=8)
+    path = recipe(tmp_path, "cifar10", epochs=1, compile=True, compile_backend="eager")
+    torch.compiler.reset()
+    r = runner.invoke(app, ["finetune", str(path)])
+    torch.compiler.reset()
+    assert r.exit_code == 0, r.output
+    run = tmp_path / "run"
+    result = json.loads((run / "result.json").read_text())
+    assert result["gated"]["images"] == 8 and (run / "model.safetensors").exists()
+    assert all(not k.startswith("_orig_mod.") for k in load_file(run / "model.safetensors"))
+    r = runner.invoke(app, ["finetune", str(path), "--set", "train.compile_backend=nope"])
+    assert r.exit_code == 2 and "compile_backend" in r.output and "inductor" in r.output, r.output

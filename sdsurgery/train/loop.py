@@ -226,7 +226,8 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     (nothing non-finite is saved or exported), Interrupted on Ctrl-C (saying what was saved),
     RunDirError when another run holds the directory."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, broadcast
+    from accelerate.utils import (DataLoaderConfiguration, DistributedDataParallelKwargs, TorchDynamoPlugin,
+                                  broadcast)
     from rich.console import Console
 
     t = recipe.train
@@ -235,6 +236,8 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     accelerator = Accelerator(
         # "auto": whatever `accelerate launch --mixed_precision` / `accelerate config` chose
         mixed_precision=None if t.mixed_precision == "auto" else t.mixed_precision,
+        # compile: torch.compile in prepare (else whatever `accelerate launch --dynamo_backend` chose)
+        dynamo_plugin=TorchDynamoPlugin(backend=t.compile_backend) if t.compile else None,
         gradient_accumulation_steps=t.grad_accum,
         step_scheduler_with_optimizer=False,  # stepped once per optimizer step by the loop
         cpu=t.cpu or not torch.cuda.is_available(),
@@ -497,7 +500,7 @@ class _Setup:
         (self.model, self.optimizer, self.train_loader, self.eval_loader, self.test_loader,
          self.scheduler) = accelerator.prepare(model, optimizer, train_loader, eval_loader,
                                                test_loader, scheduler)
-        self.raw = accelerator.unwrap_model(self.model)
+        self.raw = accelerator.unwrap_model(self.model, keep_torch_compile=False)  # the converted model itself
 
 
 class _Run(_Setup, _Checkpointing, _Reporting):

@@ -101,6 +101,8 @@ class TrainConfig:
     require_top1: Optional[float] = None   # fail the run if the test top-1 (%) ends below this
     skip_nonfinite: int = 0                # skip up to N steps with a non-finite loss/gradient, then stop
     log_every_steps: Optional[int] = None  # a steps.jsonl line every N optimizer steps (default: ~10% of an epoch); without a terminal also a console line (at most one per 10 s)
+    compile: bool = False                  # torch.compile the model (through accelerate's dynamo plugin); dropped branches still skipped
+    compile_backend: str = "inductor"      # torch.compile backend for compile: true
 
 
 @dataclass
@@ -127,6 +129,9 @@ _CHOICES = {
     ("stochastic_depth", "mode"): ("block", "sample"),
     ("stochastic_depth", "scaling"): ("expectation", "inverted"),
     ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
+    # accelerate's DynamoBackend names (its TorchDynamoPlugin takes them)
+    ("train", "compile_backend"): ("inductor", "eager", "aot_eager", "cudagraphs", "onnxrt", "tensorrt",
+                                   "tvm", "ofi", "fx2trt", "aot_ts_nvfuser", "nvprims_nvfuser"),
 }
 
 
