@@ -151,3 +151,5 @@ def test_sample_mode_regathers_inputs_autograd_keeps_anyway():
     torch.manual_seed(0)
     with_regather = saved_activation_bytes(copy.deepcopy(twin), _batch, steps=6)
     assert with_regather < without
+    original = saved_activation_bytes(_net(), _batch)
+    assert with_regather < original  # less than the unconverted model keeps, as block mode
