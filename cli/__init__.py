@@ -3,9 +3,10 @@ keeps it in cli/). The library never imports this package."""
 import signal
 import sys
 
-__all__ = ["run", "interrupted"]
+__all__ = ["run", "interrupted", "reported"]
 
 _interrupted = False
+_reported = False  # the interruption's one line is printed
 
 
 def _on_sigint(signum, frame):
@@ -19,6 +20,12 @@ def _defer_sigint(signum, frame):
     # aborts the process ("terminate called ... pybind11::error_already_set"); note it instead.
     global _interrupted
     _interrupted = True
+
+
+def reported() -> None:
+    """Say that the one line about an interruption has been printed."""
+    global _reported
+    _reported = True
 
 
 def interrupted() -> bool:
@@ -45,7 +52,11 @@ def run() -> None:
         if signal.getsignal(signal.SIGINT) is _defer_sigint:
             signal.signal(signal.SIGINT, _on_sigint)
         main()
-    except SystemExit:
+    except SystemExit as e:
+        # Ctrl-C outside a command's body (typer parsing its arguments, right after the imports)
+        # is turned into exit 130 by typer, silently: say it here.
+        if e.code == 130 and not _reported:
+            sys.stderr.write("interrupted; nothing was written\n")
         raise
     except BaseException as e:
         if not (_interrupted or isinstance(e, KeyboardInterrupt)):

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 import sdsurgery
-from sdsurgery_cli import interrupted
+from sdsurgery_cli import interrupted, reported
 
 __all__ = ["app", "main"]
 
@@ -55,12 +55,14 @@ def user_errors(fn: Callable) -> Callable:
             from sdsurgery.train import Interrupted
             err.print(str(e) if isinstance(e, Interrupted) else "interrupted; nothing was written",
                       markup=False)
+            reported()
             raise typer.Exit(130)
         except Exception as e:
             if _state["debug"]:
                 raise
             if interrupted():  # an import cut short by Ctrl-C fails in its own way
                 err.print("interrupted; what was saved before it is kept", markup=False)
+                reported()
                 raise typer.Exit(130)
             if not isinstance(e, (sdsurgery.SurgeryError, ValueError, OSError)):
                 raise
