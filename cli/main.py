@@ -112,7 +112,7 @@ def _submodule(model, name: str):
     """``model.get_submodule(name)``, or a one-line error naming its children."""
     module, path = model, []
     for part in name.split("."):
-        child = module._modules.get(part) if part else None
+        child = dict(module.named_children()).get(part) if part else None
         if child is None:
             where = ".".join(path) or type(model).__name__
             children = ", ".join(n for n, _ in module.named_children()) or "none"

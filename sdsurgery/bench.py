@@ -136,51 +136,48 @@ def quartiles(xs: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
+def _saved_storages(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                    current: list[str] | None = None) -> tuple[dict[int, int], dict[int, str]]:
+    """One training step (forward, cross-entropy, backward): the storages of the tensors
+    autograd saved (``torch.autograd.graph.saved_tensors_hooks``), bytes by storage, each once,
+    parameters left out; with ``current`` (a stack of gate names kept by the caller's hooks),
+    also the gate inside whose call each storage was first saved."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+    owner: dict[int, str] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr not in storages:
+            storages[ptr] = t.untyped_storage().nbytes()
+            if current:
+                owner[ptr] = current[-1]
+        return t
+
+    x, y = make_batch()
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return storages, owner
+
+
 def saved_activation_bytes(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
                            steps: int = 1) -> float:
     """Bytes a training step keeps for backward, exactly (no allocator noise): the storages
-    of the tensors autograd saves (``torch.autograd.graph.saved_tensors_hooks``), each once,
-    parameters left out; the mean over ``steps`` forward/backward passes (a stochastic-depth
-    model saves less when it drops more)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    loss_fn = nn.CrossEntropyLoss()
-    total = 0
-    model.train()
-    for _ in range(steps):
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in params:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        x, y = make_batch()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        total += sum(storages.values())
-    return total / steps
+    of the tensors autograd saves, each once, parameters left out (:func:`_saved_storages`);
+    the mean over ``steps`` forward/backward passes (a stochastic-depth model saves less when
+    it drops more)."""
+    return sum(sum(_saved_storages(model, make_batch)[0].values()) for _ in range(steps)) / steps
 
 
 def saved_theory(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> float:
     """The expected fraction of the activations a training step keeps for backward, from the
-    gates' drop probabilities and what each branch keeps when it runs (one forward with every
+    gates' drop probabilities and what each branch keeps when it runs (one step with every
     branch on): ``1 - sum(p_l * branch_l) / total`` (the analogue of the FLOPs theory)."""
     gates = installed_gates(model)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-    owner: dict[int, str] = {}
     current: list[str] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        st = t.untyped_storage()
-        if st.data_ptr() not in params and st.data_ptr() not in storages:
-            storages[st.data_ptr()] = st.nbytes()
-            if current:
-                owner[st.data_ptr()] = current[-1]
-        return t
 
     def enter(gate: nn.Module, args: tuple) -> None:
         current.append(gate.name)
@@ -189,13 +186,9 @@ def saved_theory(model: nn.Module, make_batch: Callable[[], tuple[torch.Tensor, 
         current.pop()
 
     handles = [h for g in gates for h in (g.register_forward_pre_hook(enter), g.register_forward_hook(leave))]
-    x, y = make_batch()
     try:
-        with forced_drop_prob(model, 0.0), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model.train()
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        with forced_drop_prob(model, 0.0):
+            storages, owner = _saved_storages(model, make_batch, current)
     finally:
         for h in handles:
             h.remove()
@@ -303,7 +296,7 @@ def run_bench(build: Callable[..., nn.Module], *, name: str, native: tuple[str, 
 
     warm: dict[str, float] = {}
     with autocast:
-        train = time_train_steps(timed, batch, steps=0, warmup=warmup, warmup_s=warm, warm_context=warm_context)
+        time_train_steps(timed, batch, steps=0, warmup=warmup, warmup_s=warm, warm_context=warm_context)
         graphs = {k: b.graphs for k, b in backends.items()}
         train = time_train_steps(timed, batch, steps=steps, warmup=0)
         after = {k: b.graphs - graphs[k] for k, b in backends.items()}
