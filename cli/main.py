@@ -501,12 +501,18 @@ def finetune(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (se
     table = Table(title=f"{recipe_obj.model.name} on {recipe_obj.data.dataset}")
     for col in ("model", "split", "top-1 %", "top-5 %", "loss"):
         table.add_column(col, justify="left" if col in ("model", "split") else "right")
-    for name, m in (("gated (eval mode)", result.gated), ("folded (plain architecture)", result.folded)):
+    rows = [("gated (eval mode)", result.gated), ("folded (plain architecture)", result.folded)]
+    if result.ema_folded is not None:
+        rows.append(("EMA folded", result.ema_folded))
+    for name, m in rows:
         table.add_row(name, "test", f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['loss']:.4f}")
     console.print(table)
     if result.best_val_top1 is not None:
         console.print(f"best validation top-1 {result.best_val_top1:.2f}% at epoch {result.best_epoch} "
                       f"(checkpoints/best); the exported model is the last epoch's, folded", markup=False)
+    if result.ema_folded is not None:
+        console.print(f"exported: the {'EMA' if result.exported == 'ema' else 'model'}, folded "
+                      f"({result.exported_because})", markup=False)
     console.print(f"training time {result.train_seconds:.0f} s; model saved to {result.model_path}",
                   markup=False)
 

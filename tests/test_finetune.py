@@ -24,7 +24,7 @@ def recipe(tmp_path, dataset, **train):
         "model": {"name": "cifar_resnet20"},
         "data": {"dataset": dataset, "data_dir": str(tmp_path / "data"), "image_size": 8, "val_split": 4},
         "optimizer": {"name": "sgd", "lr": 0.05},
-        "schedule": {"name": "step", "milestones": [2]},
+        "schedule": {"name": "multistep", "decay_milestones": [2]},
         "stochastic_depth": {"drop_rate": 0.5},
         "train": {"epochs": 2, "batch_size": 4, "eval_batch_size": 8, "seed": 1,
                   "output_dir": str(tmp_path / "run"), "keep_checkpoints": 1, **train},
@@ -195,8 +195,8 @@ def _flat(rows):
 
 @pytest.mark.parametrize("schedule", [
     {"name": "cosine", "warmup_epochs": 0.4},
-    {"name": "step", "milestones": [1], "gamma": 0.1, "warmup_epochs": 0.4},
-], ids=["cosine", "step"])
+    {"name": "multistep", "decay_milestones": [1], "decay_rate": 0.1, "warmup_epochs": 0.4},
+], ids=["cosine", "multistep"])
 def test_two_cpu_processes_and_grad_accum_match_one_process(tmp_path, schedule):
     """Same global batch (8 = 1 x 8 = 1 x 4 x grad_accum 2 = 2 ranks x 4): the same learning
     rate and drop rate at every global step, and the same weights at the end."""
@@ -240,7 +240,7 @@ def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, n
     write_cifar10(tmp_path / "data", n_train=24, n_test=8)
     # lr 0.05 for one epoch, then 5e6: the second epoch diverges
     path = recipe(tmp_path, "cifar10", epochs=3, keep_checkpoints=1)
-    r = runner.invoke(app, ["finetune", str(path), "--set", "schedule.gamma=1.0e8", "--set", "schedule.milestones=[1]"])
+    r = runner.invoke(app, ["finetune", str(path), "--set", "schedule.decay_rate=1.0e8", "--set", "schedule.decay_milestones=[1]"])
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith("error: training diverged at epoch 2, step ") and r.stderr.count("\n") == 1
     assert "checkpoints/epoch_1, is kept" in r.stderr and "optimizer.lr" in r.stderr

@@ -69,13 +69,15 @@ def test_paper_recipes_carry_the_papers_settings():
             continue
         r = load_recipe(path)
         assert r.paper.get("reported_test_error")
-        assert (r.optimizer.name, r.optimizer.lr, r.optimizer.momentum, r.optimizer.nesterov,
-                r.optimizer.weight_decay, r.train.batch_size) == ("sgd", 0.1, 0.9, True, 1e-4, 128)
+        # timm's sgd is SGD with Nesterov momentum, the paper's optimiser
+        assert (r.optimizer.name, r.optimizer.lr, r.optimizer.momentum,
+                r.optimizer.weight_decay, r.train.batch_size) == ("sgd", 0.1, 0.9, 1e-4, 128)
+        assert (r.schedule.name, r.schedule.decay_rate, r.schedule.warmup_epochs) == ("multistep", 0.1, 0)
         assert (r.stochastic_depth.drop_rate, r.stochastic_depth.schedule) == (0.5, "linear")
         if r.data.dataset.startswith("cifar"):
-            assert r.train.epochs == 500 and r.schedule.milestones == [250, 375] and r.data.val_split == 5000
+            assert r.train.epochs == 500 and r.schedule.decay_milestones == [250, 375] and r.data.val_split == 5000
         else:
-            assert r.train.epochs == 50 and r.schedule.milestones == [30, 35]
+            assert r.train.epochs == 50 and r.schedule.decay_milestones == [30, 35]
             assert r.data.train_split == "train+extra"
 
 
@@ -99,8 +101,8 @@ def test_a_recipe_file_cannot_choose_code_to_run(tmp_path):
 def test_every_float_spelling_is_a_float(tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("optimizer: {lr: 1e-3, weight_decay: .0005}\n")
-    r = load_recipe(f, ["schedule.gamma=2E+1", "stochastic_depth.drop_rate=5e-1"])
-    assert (r.optimizer.lr, r.optimizer.weight_decay, r.schedule.gamma, r.stochastic_depth.drop_rate) == (1e-3, 5e-4, 20.0, 0.5)
+    r = load_recipe(f, ["schedule.decay_rate=2E+1", "stochastic_depth.drop_rate=5e-1"])
+    assert (r.optimizer.lr, r.optimizer.weight_decay, r.schedule.decay_rate, r.stochastic_depth.drop_rate) == (1e-3, 5e-4, 20.0, 0.5)
     with pytest.raises(RecipeError, match="optimizer.lr must be float, got str 'fast'"):
         load_recipe(f, ["optimizer.lr=fast"])
 
@@ -116,7 +118,20 @@ def test_every_float_spelling_is_a_float(tmp_path):
     ("data.image_size=-8", "data.image_size must be >= 1"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints must be >= 1"),
     ("train.skip_nonfinite=-2", "train.skip_nonfinite must be >= 0"),
-    ("schedule.milestones=[2, -1]", "schedule.milestones must hold non-negative numbers, got -1"),
+    ("schedule.decay_milestones=[2, -1]", "schedule.decay_milestones must hold non-negative numbers, got -1"),
+    ("schedule.milestones=[2]", "recipe key 'schedule.milestones' is gone: it is schedule.decay_milestones now"),
+    ("optimizer.nesterov=false", "sgd is Nesterov SGD, momentum is plain momentum SGD"),
+    ("optimizer.name=adamww", "optimizer.name 'adamww' is not one of the .* choices; did you mean 'adamw'"),
+    ("optimizer.betas=[0.9]", "optimizer.betas must be 2 numbers between 0 and 1, got [0.9]"),
+    ("optimizer.layer_decay=0", "optimizer.layer_decay must be > 0 and <= 1"),
+    ("schedule.name=exponential", "schedule.name must be one of cosine, multistep"),
+    ("schedule.name=plateau", "schedule.name: plateau follows the validation top-1; set data.val_split"),
+    ("data.auto_augment=rand-m9", "data.auto_augment is an option of timm's transforms; set data.transforms: timm"),
+    ("data.re_prob=1.5", "data.re_prob must be >= 0 and <= 1"),
+    ("mixup.mixup_alpha=-1", "mixup.mixup_alpha must be >= 0"),
+    ("ema.decay=1", "ema.decay must be > 0 and < 1"),
+    ("train.log_with=[tensorbord]", "train.log_with must list trackers among tensorboard, wandb"),
+
     ("data.std=[0.5, 0, 0.5]", "data.std must hold positive numbers, got 0"),
 ])
 def test_nonsense_values_are_refused(tmp_path, override, message):

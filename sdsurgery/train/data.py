@@ -8,10 +8,12 @@ pretrained model wants).
 from __future__ import annotations
 
 import functools
+import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy
 import torch
 from torch.utils.data import Dataset, Subset
 
@@ -53,9 +55,18 @@ class SeededAugmentation(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i))
-            return self.dataset[i]
+        # torch, Python and NumPy: timm's transforms draw from all three
+        seed = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + int(i)
+        py, np_state = random.getstate(), numpy.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                numpy.random.seed(seed % 2**32)
+                return self.dataset[i]
+        finally:
+            random.setstate(py)
+            numpy.random.set_state(np_state)
 
 
 def num_classes_of(name: str) -> int | None:
@@ -95,18 +106,73 @@ class Splits:
     preprocessing: Preprocessing | None = None
 
 
-def _transforms(train: bool, image_size: int, native: int | None, mean, std, flip: bool, augment: bool):
+@dataclass
+class TimmTransforms:
+    """Options of timm's ``create_transform`` for training images, as timm's train.py names them
+    (None: timm's default). Evaluation images: resize to ``size / crop_pct``, centre crop."""
+
+    scale: tuple[float, float] | None = None
+    ratio: tuple[float, float] | None = None
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float | None = 0.4
+    auto_augment: str | None = None
+    re_prob: float = 0.0
+    re_mode: str = "pixel"
+    re_count: int = 1
+
+
+@functools.cache
+def _posterize_zero_bits() -> None:
+    """timm's RandAugment (``inc1`` policies, as in its train.py recipes) posterizes to 0 bits at
+    its top magnitude, which Pillow gave as a black image; Pillow 13 refuses 0 bits with a
+    ValueError that ends the run. When this Pillow refuses, timm's posterize ops get the black
+    image Pillow used to return; nothing changes where Pillow still accepts 0 bits."""
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return
+    except ValueError:
+        pass
+    original = auto_augment.posterize
+
+    def posterize(img, bits_to_keep, **kwargs):
+        if bits_to_keep < 1:
+            return Image.new(img.mode, img.size)  # all bits cleared: black, as Pillow < 13 gave
+        return original(img, bits_to_keep, **kwargs)
+
+    for name, op in list(auto_augment.NAME_TO_OP.items()):
+        if op is original:
+            auto_augment.NAME_TO_OP[name] = posterize
+
+
+def _transforms(train: bool, size: int, native: int | None, mean, std, flip: bool, augment: bool,
+                interpolation: str = "bilinear", crop_pct: float | None = None,
+                timm: TimmTransforms | None = None):
+    """The dataset's own pipeline (resize, then pad-and-crop and flips for training: the paper's
+    CIFAR augmentation), or timm's create_transform (``timm`` given; evaluation: ``crop_pct``)."""
+    from timm.data import create_transform
     from torchvision import transforms as T
 
+    if timm is not None or crop_pct is not None:
+        if train:
+            t = timm or TimmTransforms()
+            if t.auto_augment:
+                _posterize_zero_bits()
+            return create_transform(size, is_training=True, no_aug=not augment, interpolation=interpolation,
+                                    mean=mean, std=std, scale=t.scale, ratio=t.ratio, hflip=t.hflip,
+                                    vflip=t.vflip, color_jitter=t.color_jitter, auto_augment=t.auto_augment,
+                                    re_prob=t.re_prob, re_mode=t.re_mode, re_count=t.re_count)
+        return create_transform(size, is_training=False, interpolation=interpolation, mean=mean, std=std,
+                                crop_pct=crop_pct)
     steps = []
-    if native is None:  # ImageFolder: arbitrary sizes
-        steps += [T.RandomResizedCrop(image_size) if train and augment else T.Compose(
-            [T.Resize(int(image_size / CROP_PCT)), T.CenterCrop(image_size)])]
-    elif image_size != native:
-        steps.append(T.Resize(image_size, antialias=True))
-    if train and augment and native is not None:
-        pad = max(1, round(4 * image_size / 32))  # the standard 4-pixel padding at 32 px
-        steps.append(T.RandomCrop(image_size, padding=pad))
+    if size != native:
+        steps.append(T.Resize(size, interpolation=T.InterpolationMode(interpolation), antialias=True))
+    if train and augment:
+        pad = max(1, round(4 * size / 32))  # the standard 4-pixel padding at 32 px
+        steps.append(T.RandomCrop(size, padding=pad))
     if train and augment and flip:
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize(mean, std)]
@@ -218,7 +284,9 @@ _BUILDERS = {"cifar10": _cifar, "cifar100": _cifar, "svhn": _svhn, "digits": _di
 def load_datasets(name: str, root: str | Path = "data", *, download: bool = False,
                   image_size: int | None = None, val_split: int = 0, seed: int = 0,
                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                  augment: bool = True, train_split: str = "train", fake_size: int = 256) -> Splits:
+                  augment: bool = True, train_split: str = "train", fake_size: int = 256,
+                  interpolation: str = "bilinear", crop_pct: float | None = None,
+                  timm: TimmTransforms | None = None) -> Splits:
     """Build the train / val / test datasets of ``name``.
 
     Args:
@@ -229,7 +297,12 @@ def load_datasets(name: str, root: str | Path = "data", *, download: bool = Fals
         image_size: output size in pixels (default: the dataset's native size; digits: 32).
         val_split: hold out this many training images (a seeded random subset) for validation.
         mean, std: normalisation (default: the dataset's own statistics).
-        augment: random crop with padding and (except SVHN and digits) horizontal flips.
+        augment: random crop with padding and (except SVHN and digits) horizontal flips; with
+            ``timm``, timm's training augmentation (else its no-augmentation transform).
+        interpolation: of every resize.
+        crop_pct: evaluation images are resized to ``image_size / crop_pct`` and centre-cropped
+            (timm's eval transform; default for imagefolder: 0.875); None: resized to image_size.
+        timm: train through timm's create_transform with these options (imagefolder: always).
         train_split: for SVHN, ``train`` or ``train+extra``.
     """
     if name not in _STATS:
@@ -237,7 +310,12 @@ def load_datasets(name: str, root: str | Path = "data", *, download: bool = Fals
     num_classes, native, dmean, dstd, flip = _STATS[name]
     mean, std = tuple(mean or dmean), tuple(std or dstd)
     size = image_size or (32 if name == "digits" else native or 224)
-    transforms = [_transforms(train, size, native, mean, std, flip, augment) for train in (True, False, False)]
+    if native is None:  # ImageFolder: arbitrary sizes, cropped the timm way
+        timm, crop_pct = timm or TimmTransforms(), crop_pct or CROP_PCT
+    if timm is not None and crop_pct is None:
+        crop_pct = 1.0  # no crop unless asked (the dataset's images are the whole picture)
+    transforms = [_transforms(train, size, native, mean, std, flip, augment, interpolation, crop_pct, timm)
+                  for train in (True, False, False)]
     root = Path(root)
     builder = _BUILDERS[name]
     if name == "fake":
@@ -257,9 +335,9 @@ def load_datasets(name: str, root: str | Path = "data", *, download: bool = Fals
         val = Subset(val_base, perm[:val_split])
         train = Subset(train, perm[val_split:])
     pre = Preprocessing(dataset=name, num_classes=num_classes, image_size=size, mean=list(mean),
-                        std=list(std), crop_pct=CROP_PCT if native is None else None)
+                        std=list(std), interpolation=interpolation, crop_pct=crop_pct)
     return Splits(train=train, val=val, test=test, num_classes=num_classes, mean=mean, std=std,
                   preprocessing=pre)
 
 
-__all__ = ["DATASETS", "DataError", "Preprocessing", "Splits", "load_datasets"]
+__all__ = ["DATASETS", "DataError", "Preprocessing", "Splits", "TimmTransforms", "load_datasets"]

@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,7 @@ from ..io.models import WeightsError, check_keys, create_model, source_of
 from . import resume as resume_state
 from . import rundir
 from .callbacks import stochastic_depth_callbacks
+from . import parts
 from .data import SeededAugmentation, load_datasets, num_classes_of
 from .recipes import Recipe
 
@@ -59,6 +60,9 @@ class TrainResult:
     model_path: str
     best_val_top1: float | None = None  # the best epoch's validation top-1 (None: no val split)
     best_epoch: int | None = None       # checkpoints/best is that epoch's state
+    ema_folded: dict[str, float] | None = None  # test metrics of the folded EMA (ema.enabled)
+    exported: str = "model"             # model | ema: the better on validation, in model.safetensors
+    exported_because: str = ""          # the validation top-1s it was chosen on
 
 
 class DivergenceError(SurgeryError):
@@ -89,54 +93,28 @@ class _EpochState:
         self.best_epoch = None if d.get("best_epoch") is None else int(d["best_epoch"])
 
 
-def _lr_lambda(recipe: Recipe, steps_per_epoch: int) -> Callable[[int], float]:
-    s = recipe.schedule
-    total = recipe.train.epochs * steps_per_epoch
-    warm = s.warmup_epochs * steps_per_epoch
+def evaluate(model: nn.Module, loader, accelerator=None, *, channels_last: bool = False) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent, timm's ``accuracy``) and mean cross-entropy of ``model``
+    on ``loader``."""
+    from timm.utils import accuracy
 
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        epoch = step / steps_per_epoch
-        if s.name == "step":
-            return s.gamma ** sum(epoch >= m for m in s.milestones)
-        if s.name == "cosine":
-            t = (step - warm) / max(1, total - warm)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-        return 1.0
-    return f
-
-
-def _optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
-    o = recipe.optimizer
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    if o.name == "sgd":
-        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0)
-    return torch.optim.AdamW(groups, lr=o.lr)
-
-
-def evaluate(model: nn.Module, loader, accelerator=None) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) and mean cross-entropy of ``model`` on ``loader``."""
     model.eval()
-    correct1 = correct5 = 0
+    correct1 = correct5 = 0.0
     loss_sum, n = 0.0, 0
     with torch.no_grad():
         for x, y in loader:
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             logits = model(x)
             if accelerator is not None:
                 logits, y = accelerator.gather_for_metrics((logits, y))
             logits = logits.float()
             loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-            top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            correct1 += (top[:, 0] == y).sum().item()
-            correct5 += (top == y[:, None]).any(dim=1).sum().item()
+            top1, top5 = accuracy(logits, y, topk=(1, 5))  # timm clips k to the classes
+            correct1 += float(top1) * y.numel() / 100.0
+            correct5 += float(top5) * y.numel() / 100.0
             n += y.numel()
-    return {"top1": 100.0 * correct1 / max(n, 1), "top5": 100.0 * correct5 / max(n, 1),
+    return {"top1": 100.0 * round(correct1) / max(n, 1), "top5": 100.0 * round(correct5) / max(n, 1),
             "loss": loss_sum / max(n, 1), "images": n}
 
 
@@ -191,8 +169,10 @@ def evaluate_checkpoint(target: str | Path, *, dataset: str | None = None, data_
         dataset = dataset or rec["dataset"]
         image_size = image_size or rec["image_size"]
         mean, std = rec["mean"], rec["std"]
+        resize = {"interpolation": rec.get("interpolation") or "bilinear", "crop_pct": rec.get("crop_pct")}
     model = ckpt.load(path, factory=factory, trust_code=trust_code)
-    splits = load_datasets(dataset, data_dir, image_size=image_size, mean=mean, std=std, download=download)
+    splits = load_datasets(dataset, data_dir, image_size=image_size, mean=mean, std=std, download=download,
+                           **(resize if rec is not None else {}))
     accelerator = Accelerator(cpu=device == "cpu" or not torch.cuda.is_available())
     loader = torch.utils.data.DataLoader(splits.test, batch_size=batch_size)
     model, loader = accelerator.prepare(model, loader)
@@ -353,7 +333,9 @@ class _Checkpointing:
         if not _all_finite(self.raw):
             raise self._diverged("the weights are no longer finite")
         states: dict[str, Any] = {"optimizer": self.optimizer.state_dict(),
-                                  "scheduler": self.scheduler.state_dict()}
+                                  "scheduler": parts.scheduler_state(self.scheduler)}
+        if self.ema is not None:
+            states["ema"] = self.ema.module.state_dict()
         if self.recipe.stochastic_depth.enabled:
             states["gates"] = controller(self.raw).state_dict()
         if self.accelerator.scaler is not None:
@@ -388,7 +370,9 @@ class _Checkpointing:
         try:
             self.raw.load_state_dict(ck.model, strict=True)
             self.optimizer.load_state_dict(ck.states["optimizer"])
-            self.scheduler.load_state_dict(ck.states["scheduler"])
+            parts.load_scheduler_state(self.scheduler, ck.states["scheduler"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(ck.states["ema"], strict=True)
             if self.recipe.stochastic_depth.enabled:
                 controller(self.raw).load_state_dict(ck.states["gates"])
             if self.accelerator.scaler is not None and "scaler" in ck.states:
@@ -456,19 +440,16 @@ class _Setup:
         return model
 
     def _datasets(self, model: nn.Module):
-        """The recipe's splits, normalised as the recipe (or the model's pretrained cfg) says."""
+        """The recipe's splits, prepared as the recipe (and the model's pretrained data config)
+        says: the dataset's own pipeline or timm's transforms."""
         d, t = self.recipe.data, self.recipe.train
-        mean, std = d.mean, d.std
-        if d.normalize == "model" and mean is None:
-            cfg = getattr(model, "pretrained_cfg", None) or {}
-            mean = list(cfg.get("mean", (0.485, 0.456, 0.406)))
-            std = d.std or list(cfg.get("std", (0.229, 0.224, 0.225)))
-        splits = load_datasets(d.dataset, d.data_dir, download=d.download, image_size=d.image_size,
-                               val_split=d.val_split, seed=t.seed, mean=mean, std=std,
-                               augment=d.augment, train_split=d.train_split)
+        options = parts.data_options(self.recipe, model)
+        splits = load_datasets(d.dataset, d.data_dir, download=d.download, val_split=d.val_split, seed=t.seed,
+                               augment=d.augment, train_split=d.train_split, **options)
         self.spec = source_of(model).spec
         self.has_val = splits.val is not None
         self.preprocessing = splits.preprocessing.to_dict()
+        self.num_classes = splits.num_classes
         return splits
 
     def _build_loaders(self, model: nn.Module, splits) -> None:
@@ -493,14 +474,19 @@ class _Setup:
         self.split_sizes = {"train": len(splits.train), "val": len(splits.val) if splits.val is not None else 0,
                             "test": len(splits.test)}
         test_loader = torch.utils.data.DataLoader(splits.test, batch_size=t.eval_batch_size, **loader_kw)
-        optimizer = _optimizer(recipe, model)
+        if t.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = parts.create_optimizer(recipe, model)
         steps = math.ceil(len(train_loader) / accelerator.num_processes / t.grad_accum)
         self.steps_per_epoch = min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(recipe, self.steps_per_epoch))
-        (self.model, self.optimizer, self.train_loader, self.eval_loader, self.test_loader,
-         self.scheduler) = accelerator.prepare(model, optimizer, train_loader, eval_loader,
-                                               test_loader, scheduler)
+        # timm's schedulers are stepped by the loop with the global update count, not by accelerate
+        self.scheduler = parts.create_scheduler(recipe, optimizer, self.steps_per_epoch)
+        (self.model, self.optimizer, self.train_loader, self.eval_loader,
+         self.test_loader) = accelerator.prepare(model, optimizer, train_loader, eval_loader, test_loader)
         self.raw = accelerator.unwrap_model(self.model, keep_torch_compile=False)  # the converted model itself
+        self.mixup = parts.create_mixup(recipe, self.num_classes)
+        self.loss_fn, self.plain_loss = parts.create_loss(recipe)
+        self.ema = parts.create_ema(recipe, self.raw)
 
 
 class _Run(_Setup, _Checkpointing, _Reporting):
@@ -533,7 +519,7 @@ class _Run(_Setup, _Checkpointing, _Reporting):
         bad, what = self._step_is_bad(bad_loss, norm)
         if bad and self.state.skipped >= t.skip_nonfinite:
             raise self._diverged(what, epoch, steps + 1)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = parts.head_lr(self.optimizer)
         if bad:
             self.state.skipped += 1
             if self.main:
@@ -542,9 +528,15 @@ class _Run(_Setup, _Checkpointing, _Reporting):
                                    f"{t.skip_nonfinite})", markup=False, soft_wrap=True)
         else:
             self.optimizer.step()
-            if not self.optimizer.step_was_skipped:  # AMP skipped an inf step
-                self.scheduler.step()
+            if self.ema is not None and not self.optimizer.step_was_skipped:  # AMP skipped an inf step
+                self.ema.update(self.raw, step=self._update(epoch, steps + 1))
+        # the schedule is a function of the update count: the same lr after any skip or resume
+        parts.step_scheduler(self.scheduler, update=self._update(epoch, steps + 1))
         return lr
+
+    def _update(self, epoch: int, steps: int) -> int:
+        """The global optimizer-update count after ``steps`` updates of epoch ``epoch``."""
+        return epoch * self.steps_per_epoch + steps
 
     def _epoch(self, epoch: int) -> tuple[float | None, int, float]:
         """One epoch of training; returns (mean loss over all processes, images seen, seconds).
@@ -557,7 +549,9 @@ class _Run(_Setup, _Checkpointing, _Reporting):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+        if self.mixup is not None and self.recipe.mixup.off_epoch is not None \
+                and epoch >= self.recipe.mixup.off_epoch:
+            self.mixup.mixup_enabled = False  # timm's mixup_off_epoch: soft targets, no mixing
         log_every = t.log_every_steps or max(1, self.steps_per_epoch // 10)
         if hasattr(self.train_loader, "set_epoch"):
             self.train_loader.set_epoch(epoch)  # the epoch's permutation, resumed or not
@@ -581,8 +575,13 @@ class _Run(_Setup, _Checkpointing, _Reporting):
             for micro, (x, y) in enumerate(batches):
                 for cb in callbacks:
                     cb.before_batch(epoch, steps, micro)
+                if t.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if self.mixup is not None:
+                    x, y_soft = self.mixup(x, y)
                 with accelerator.accumulate(self.model):
-                    loss = loss_fn(self.model(x), y)
+                    out = self.model(x)
+                    loss = self.loss_fn(out, y_soft) if self.mixup is not None else self.loss_fn(out, y)
                     accelerator.backward(loss)
                     value = loss.item()
                     bad_loss = bad_loss or not math.isfinite(value)
@@ -630,13 +629,17 @@ class _Run(_Setup, _Checkpointing, _Reporting):
             train_loss, seen, seconds = self._epoch(epoch)
             if not _all_finite(self.raw):
                 raise self._diverged("the weights are no longer finite", epoch, self.steps_per_epoch)
-            metrics = evaluate(self.model, self.eval_loader, accelerator) if self.has_val else {}
+            metrics = self._evaluate(self.model, self.eval_loader) if self.has_val else {}
+            if self.has_val and self.ema is not None:
+                metrics.update({f"ema_{k}": v for k, v in self._evaluate(self._ema_model(), self.eval_loader).items()})
+            if self.scheduler is not None and self.recipe.schedule.name == "plateau":
+                parts.step_scheduler(self.scheduler, epoch=epoch + 1, metric=metrics["top1"])
             self.state.epoch, self.state.step = epoch + 1, 0
             improved = self.has_val and metrics["top1"] > self.state.best
             if improved:
                 self.state.best, self.state.best_epoch = metrics["top1"], epoch + 1
             record = {"epoch": epoch + 1, "train_loss": train_loss,
-                      "lr": self.scheduler.get_last_lr()[0], "epoch_seconds": seconds,
+                      "lr": parts.head_lr(self.optimizer), "epoch_seconds": seconds,
                       **{f"val_{k}": v for k, v in metrics.items()}}
             if sd.enabled:
                 record["drop_rate"] = controller(self.raw).drop_rate
@@ -651,29 +654,62 @@ class _Run(_Setup, _Checkpointing, _Reporting):
                 self._save("best")
         return self._finish(time.perf_counter() - start)
 
+    def _evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        return evaluate(model, loader, self.accelerator, channels_last=self.recipe.train.channels_last)
+
+    def _ema_model(self) -> nn.Module:
+        """The EMA copy, its gates at the model's drop rate (they scale the branches in eval)."""
+        if self.recipe.stochastic_depth.enabled:
+            set_drop_rate(self.ema.module, controller(self.raw).drop_rate)
+        return self.ema.module
+
+    def _folded_ema(self) -> tuple[nn.Module | None, dict | None, str, str]:
+        """The folded EMA, its test metrics, which of model and EMA to export and why: the better
+        on the validation split (never chosen on test; without a validation split, the model)."""
+        if self.ema is None:
+            return None, None, "model", ""
+        sd = self.recipe.stochastic_depth
+        ema = fold(self._ema_model()) if sd.enabled else self.ema.module
+        prepared = self.accelerator.prepare_model(ema, evaluation_mode=True)
+        metrics = self._evaluate(prepared, self.test_loader)
+        if not self.has_val:
+            return ema, metrics, "model", "no validation split to choose on (data.val_split)"
+        mine, its = self._evaluate(self.model, self.eval_loader)["top1"], self._evaluate(prepared, self.eval_loader)["top1"]
+        why = f"validation top-1 {its:.2f}% (EMA) vs {mine:.2f}% (model)"
+        return ema, metrics, "ema" if its > mine else "model", why
+
     def _finish(self, train_seconds: float) -> TrainResult:
-        """Evaluate the gated model, fold it, evaluate and export the folded one."""
+        """Evaluate the gated model, fold it (and its EMA), evaluate, export the better one."""
         t, sd, accelerator = self.recipe.train, self.recipe.stochastic_depth, self.accelerator
-        gated = evaluate(self.model, self.test_loader, accelerator)
+        gated = self._evaluate(self.model, self.test_loader)
+        ema, ema_metrics, exported, why = self._folded_ema()
         model_path = self.run_dir / "model.safetensors"
         final = fold(self.raw) if sd.enabled else self.raw
         if not _all_finite(final):
             raise self._diverged("the folded model's weights are not finite; it was not exported")
-        folded_metrics = evaluate(accelerator.prepare_model(final, evaluation_mode=True), self.test_loader,
-                                  accelerator) if sd.enabled else gated
+        folded_metrics = self._evaluate(accelerator.prepare_model(final, evaluation_mode=True),
+                                        self.test_loader) if sd.enabled else gated
         result = TrainResult(run_dir=str(self.run_dir), epochs=t.epochs, train_seconds=train_seconds,
                              gated=gated, folded=folded_metrics, model_path=str(model_path),
                              best_val_top1=self.state.best if self.has_val else None,
-                             best_epoch=self.state.best_epoch)
+                             best_epoch=self.state.best_epoch, ema_folded=ema_metrics, exported=exported,
+                             exported_because=why)
         if self.main:
-            ckpt.save(final.to("cpu") if sd.enabled else final, model_path, preprocessing=self.preprocessing)
+            out = ema if exported == "ema" else final
+            if not _all_finite(out):
+                raise self._diverged("the folded EMA's weights are not finite; it was not exported")
+            ckpt.save(out.to("cpu") if (sd.enabled or exported == "ema") else out, model_path,
+                      preprocessing=self.preprocessing)
             (self.run_dir / "result.json").write_text(json.dumps(rundir.json_safe(asdict(result)),
                                                                  indent=2, allow_nan=False))
         accelerator.wait_for_everyone()
         if t.require_top1 is not None:
-            worst = min(gated["top1"], folded_metrics["top1"])
+            shown = {"gated": gated["top1"], "folded": folded_metrics["top1"]}
+            if exported == "ema":
+                shown["EMA folded"] = ema_metrics["top1"]
+            worst = min(gated["top1"], folded_metrics["top1"], *([ema_metrics["top1"]] if exported == "ema" else []))
             if worst < t.require_top1:
-                raise SurgeryError(f"test top-1 {worst:.2f}% (gated {gated['top1']:.2f}%, folded "
-                                   f"{folded_metrics['top1']:.2f}%) is below the recipe's "
+                listed = ", ".join(f"{k} {v:.2f}%" for k, v in shown.items())
+                raise SurgeryError(f"test top-1 {worst:.2f}% ({listed}) is below the recipe's "
                                    f"train.require_top1 = {t.require_top1}")
         return result

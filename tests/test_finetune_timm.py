@@ -1,0 +1,168 @@
+"""sdsurgery finetune with timm's parts: optimizer (layer decay), scheduler, transforms from the
+model's pretrained config, mixup / cutmix, model EMA, channels_last; end to end on tiny CIFAR-10
+files in the real format, resumed exactly."""
+import json
+import shutil
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import sdsurgery
+from sdsurgery.train import parts
+from sdsurgery.train.data import SeededAugmentation, TimmTransforms, load_datasets
+from sdsurgery.train.recipes import load_recipe, parse_recipe
+from sdsurgery_cli.main import app
+from test_data import no_md5, write_cifar10  # noqa: F401 - no_md5 is a fixture
+
+runner = CliRunner()
+
+VIT = {"name": "timm:vit_tiny_patch16_224",
+       "kwargs": {"img_size": 16, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2}}
+
+
+def everything(tmp_path, **train):
+    """A recipe with every timm-level feature on."""
+    return {
+        "model": VIT,
+        "data": {"dataset": "cifar10", "data_dir": str(tmp_path / "data"), "image_size": 16, "val_split": 8,
+                 "transforms": "timm", "normalize": "model", "auto_augment": "rand-m9-mstd0.5-inc1",
+                 "re_prob": 0.25, "scale": [0.5, 1.0]},
+        "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.05, "betas": [0.9, 0.99],
+                      "layer_decay": 0.65},
+        "schedule": {"name": "cosine", "warmup_epochs": 0.5, "warmup_lr": 1e-6, "min_lr": 1e-5},
+        "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "switch_prob": 0.5},
+        "ema": {"enabled": True, "decay": 0.9},
+        "stochastic_depth": {"drop_rate": 0.3},
+        "train": {"epochs": 2, "batch_size": 8, "eval_batch_size": 16, "seed": 2, "label_smoothing": 0.1,
+                  "channels_last": True, "output_dir": str(tmp_path / "run"),
+                  "log_every_steps": 1, "keep_checkpoints": 2, **train},
+    }
+
+
+def write(tmp_path, r, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(r))
+    return path
+
+
+def lines(path):
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+
+def test_every_timm_feature_end_to_end_and_resumed_exactly(tmp_path, no_md5, monkeypatch):
+    from timm.data import Mixup
+    write_cifar10(tmp_path / "data", n_train=40, n_test=10)
+    # count what really runs: mixup calls, and the memory format the convolutions see
+    calls, formats = [], set()
+    real = Mixup.__call__
+    monkeypatch.setattr(Mixup, "__call__", lambda self, x, y: calls.append(x.shape[0]) or real(self, x, y))
+
+    def seen(module, args):
+        if isinstance(module, torch.nn.Conv2d) and module.training:
+            formats.add(args[0].is_contiguous(memory_format=torch.channels_last))
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(seen)
+    try:
+        path = write(tmp_path, everything(tmp_path))
+        r = runner.invoke(app, ["finetune", str(path), "--set", f"train.output_dir={tmp_path / 'straight'}"])
+    finally:
+        handle.remove()
+    assert r.exit_code == 0, r.output
+    assert calls == [8, 8, 8, 8] * 2, calls  # 32 training images, batch 8, two epochs
+    assert formats == {True}
+    run = tmp_path / "straight"
+    result = json.loads((run / "result.json").read_text())
+    assert result["exported"] in ("model", "ema") and set(result["ema_folded"]) >= {"top1", "top5", "loss"}
+    assert f"exported: the {'EMA' if result['exported'] == 'ema' else 'model'}" in r.output
+    epochs = lines(run / "metrics.jsonl")
+    assert all("val_ema_top1" in e and "val_top1" in e for e in epochs)
+    steps = lines(run / "steps.jsonl")
+    lrs = [s["lr"] for s in steps]
+    # timm's cosine with a 2-update warm-up from 1e-6, then decaying to min_lr, per update
+    assert lrs[0] < lrs[1] and max(lrs) <= 1e-3 + 1e-12 and lrs[-1] < max(lrs) and min(lrs) >= 1e-6
+    # the exported file is the one the result names: eval gives its test top-1
+    key = "ema_folded" if result["exported"] == "ema" else "folded"
+    ev = runner.invoke(app, ["eval", str(run), "--data-dir", str(tmp_path / "data")])
+    assert ev.exit_code == 0 and f"top-1 {result[key]['top1']:.2f}%" in ev.output, (ev.output, result)
+    meta = sdsurgery.read_metadata(run / "model.safetensors")
+    assert meta["preprocessing"]["interpolation"] == "bicubic" and meta["preprocessing"]["crop_pct"] == 0.9
+    assert meta["preprocessing"]["mean"] == [0.5, 0.5, 0.5]  # the ViT's own, from its pretrained cfg
+    # the same run resumed from its epoch-1 checkpoint ends with the same EMA, weights and lrs
+    # (the schedule spans both epochs, so the run is cut, not shortened)
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    for name in ("model.safetensors", "result.json"):
+        (cut / name).unlink()
+    shutil.rmtree(cut / "checkpoints" / "epoch_2")
+    resumed = runner.invoke(app, ["finetune", "--resume", str(cut)])
+    assert resumed.exit_code == 0 and "resumed from" in resumed.output, resumed.output
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [s["lr"] for s in lines(cut / "steps.jsonl")] == lrs
+    assert json.loads((cut / "result.json").read_text())["ema_folded"] == result["ema_folded"]
+
+
+def test_layer_decay_and_no_decay_groups_reach_the_optimizer(tmp_path):
+    r = parse_recipe(everything(tmp_path))
+    model = sdsurgery.convert(sdsurgery.create_model(VIT["name"], pretrained=False, num_classes=10, **VIT["kwargs"]))
+    opt = parts.create_optimizer(r, model)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.99)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    assert len(scales) == 6 and scales[-1] == 1.0 and scales[0] == pytest.approx(0.65 ** 5)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():  # biases, norms, pos_embed / cls_token: no decay
+        assert (id(p) in decayed) == (p.ndim > 1 and name not in ("pos_embed", "cls_token")), name
+    # a model timm cannot split into layers is refused, not silently given one group
+    r.optimizer.layer_decay = 0.65
+    flat = sdsurgery.convert(sdsurgery.create_model("cifar_resnet20", pretrained=False, num_classes=10))
+    with pytest.raises(parts.PartsError, match="cannot be split into layers"):
+        parts.create_optimizer(r, flat)
+
+
+def test_timm_transforms_come_from_the_model_config_and_are_seeded(tmp_path, no_md5):
+    write_cifar10(tmp_path / "data", n_train=12, n_test=4)
+    model = sdsurgery.create_model(VIT["name"], pretrained=False, num_classes=10, **VIT["kwargs"])
+    r = parse_recipe(everything(tmp_path))
+    options = parts.data_options(r, model)
+    assert (options["interpolation"], options["crop_pct"], options["mean"]) == ("bicubic", 0.9, [0.5] * 3)
+    splits = load_datasets("cifar10", tmp_path / "data", **options)
+    names = [type(t).__name__ for t in splits.train.transform.transforms]
+    assert names[0] == "RandomResizedCropAndInterpolation" and "RandAugment" in names and "RandomErasing" in names
+    assert "CenterCrop" in [type(t).__name__ for t in splits.test.transform.transforms]
+    # timm draws from Python's and NumPy's RNGs too: a seeded item is the same every time
+    seeded = SeededAugmentation(splits.train, seed=5)
+    assert torch.equal(seeded[3][0], seeded[3][0])
+    seeded.set_epoch(1)
+    assert not torch.equal(seeded[3][0], SeededAugmentation(splits.train, seed=5)[3][0])
+    with pytest.raises(Exception, match="auto_augment"):
+        parts.data_options(parse_recipe({**everything(tmp_path), "data": {
+            "transforms": "timm", "auto_augment": "nonsense-m9"}}), model)
+    assert TimmTransforms().re_mode == "pixel"
+
+
+def test_plateau_and_step_schedules_follow_timm(tmp_path, no_md5):
+    write_cifar10(tmp_path / "data", n_train=24, n_test=4)
+    r = everything(tmp_path, epochs=3)
+    r["model"] = {"name": "cifar_resnet20"}
+    r["data"] = {"dataset": "cifar10", "data_dir": str(tmp_path / "data"), "image_size": 8, "val_split": 8}
+    r["mixup"], r["ema"] = {}, {"enabled": False}
+    r["optimizer"] = {"name": "momentum", "lr": 0.1}
+    r["schedule"] = {"name": "plateau", "patience_epochs": 0, "decay_rate": 0.5}
+    r["train"]["keep_checkpoints"] = 3
+    res = runner.invoke(app, ["finetune", str(write(tmp_path, r))])
+    assert res.exit_code == 0, res.output
+    run = tmp_path / "run"
+    lrs = [e["lr"] for e in lines(run / "metrics.jsonl")]
+    assert lrs[0] == 0.1 and all(b in (a, a * 0.5) for a, b in zip(lrs, lrs[1:])), lrs
+    # the plateau counters (timm's own state_dict drops them) survive a resume
+    cut = tmp_path / "cut"
+    shutil.copytree(run, cut)
+    shutil.rmtree(cut / "checkpoints" / "epoch_3")
+    (cut / "model.safetensors").unlink()
+    resumed = runner.invoke(app, ["finetune", "--resume", str(cut)])
+    assert resumed.exit_code == 0, resumed.output
+    assert [e["lr"] for e in lines(cut / "metrics.jsonl")] == lrs
+    a, b = load_file(str(run / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
