@@ -86,6 +86,10 @@ class GateController:
         self.skipped: list[tuple[str, str]] = []  # residual name, reason
         self.settings: dict[str, Any] = {}  # the other convert() arguments, for checkpoints
         self._custom_probs: list[float] | None = None
+        # training calls of the gates, and how many of them ran their branch (sample mode: the
+        # kept share of the batch; masked gates always compute theirs): what really ran
+        self.calls = 0
+        self.ran = 0.0
 
     def probabilities(self, drop_rate: float) -> list[float]:
         if isinstance(self.schedule, str):
@@ -218,19 +222,23 @@ class StochasticDepthGate(nn.Module):
                 + (", frozen" if self.frozen else ""))
 
     @torch.compiler.disable  # drawn eagerly every step; compiled graphs never see the probability
-    def _decide(self, n: int) -> "Decision":
+    def _decide(self, n: int, computed: bool = False) -> "Decision":
+        training = self.training and not self.frozen
         d = decide(self.drop_prob, self.controller.mode, self.controller.scaling, n,
-                   self.controller.generator, self.training and not self.frozen)
+                   self.controller.generator, training)
         if d.keep is None:  # all on: the keep path (one compiled graph for both)
-            return Decision(True, d.scale)
-        if not isinstance(d.keep, torch.Tensor):
-            return d
-        # Sample mode, resolved here (eagerly) so that what follows has no data-dependent
-        # Python: no sample kept is a block drop, every sample kept a block keep.
-        kept = int(d.keep.sum())
-        if kept == 0 or kept == n:
-            return Decision(kept == n, d.scale)
-        return Decision(d.keep, d.scale, d.keep.nonzero().squeeze(1))
+            d = Decision(True, d.scale)
+        elif isinstance(d.keep, torch.Tensor):
+            # Sample mode, resolved here (eagerly) so that what follows has no data-dependent
+            # Python: no sample kept is a block drop, every sample kept a block keep.
+            kept = int(d.keep.sum())
+            d = (Decision(kept == n, d.scale) if kept in (0, n)
+                 else Decision(d.keep, d.scale, d.keep.nonzero().squeeze(1)))
+        if training:
+            self.controller.calls += 1
+            self.controller.ran += 1.0 if computed or d.keep is True else (
+                0.0 if d.keep is False else len(d.index) / n)
+        return d
 
     def forward(self, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor | None,
                 *inputs: Any) -> torch.Tensor:
@@ -250,7 +258,7 @@ class StochasticDepthGate(nn.Module):
         """The branch value ``out``, computed already, as the gate lets it through: zeros when
         dropped (block mode), zeroed on dropped samples (sample mode), scaled as ``forward``
         scales it. For branches gated at a module's output (a hook), where nothing is skipped."""
-        return _masked(self, self._decide(out.shape[0] if out.dim() else 1), out)
+        return _masked(self, self._decide(out.shape[0] if out.dim() else 1, computed=True), out)
 
 
 # What a gate does after its decision, one function per kind of decision (see gate_caller).

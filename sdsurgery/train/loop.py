@@ -42,7 +42,7 @@ from ..io.models import WeightsError, check_keys, create_model, source_of
 from . import resume as resume_state
 from . import rundir
 from .callbacks import stochastic_depth_callbacks
-from . import parts
+from . import parts, trackers
 from .data import SeededAugmentation, load_datasets, num_classes_of
 from .recipes import Recipe
 
@@ -211,6 +211,7 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
     from rich.console import Console
 
     t = recipe.train
+    trackers.check_available(t.log_with)  # before anything is built or written
     if resume and not resume_state.checkpoints(Path(resume)):
         raise SurgeryError(f"--resume {resume}: no checkpoints/epoch_N directory there to resume from")
     accelerator = Accelerator(
@@ -243,7 +244,10 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
             suffix = broadcast(suffix)
         n = int(suffix[0])
         run_dir = Path(resume) if resume else Path(t.output_dir if n == 1 else f"{t.output_dir}-{n}")
-        return _Run(recipe, accelerator, run_dir, console).train(bool(resume))
+        try:
+            return _Run(recipe, accelerator, run_dir, console).train(bool(resume))
+        finally:
+            accelerator.end_training()  # flush and close the trackers, however the run ends
     except KeyboardInterrupt:
         last = resume_state.checkpoints(run_dir)[-1:] if run_dir is not None else []
         raise Interrupted(f"interrupted; the last checkpoint is {last[0]} (continue with --resume "
@@ -290,6 +294,22 @@ class _Reporting:
         for line in lines:
             self.console.print(line, markup=False, soft_wrap=True)
 
+    def _branch_calls(self) -> tuple[int, float]:
+        """Gated branch calls in training so far, and how many of them ran."""
+        if not self.recipe.stochastic_depth.enabled:
+            return 0, 0.0
+        ctrl = controller(self.raw)
+        return ctrl.calls, ctrl.ran
+
+    def _start_trackers(self, resumed: bool) -> None:
+        """``train.log_with``'s trackers, logging through ``accelerator.log`` (main process)."""
+        names = self.recipe.train.log_with
+        if not names:
+            return
+        at = self._update(self.state.epoch, self.state.step) if resumed else None
+        self.accelerator.log_with = trackers.create_trackers(names, self.run_dir, at) if self.main else []
+        self.accelerator.init_trackers("sdsurgery", config=trackers.flat_config(self.recipe.to_dict()))
+
     def _mean_loss(self, total: float, count: int) -> float | None:
         """The mean of a loss summed over ``count`` images on every process (a collective)."""
         both = torch.tensor([total, float(count)], device=self.accelerator.device, dtype=torch.float64)
@@ -305,7 +325,9 @@ class _Reporting:
         images = window[1] * self.accelerator.num_processes
         now = time.perf_counter()
         speed = images / max(now - window[2], 1e-9)
-        window[:] = [0.0, 0, now]
+        calls, ran = self._branch_calls()
+        window_calls, window_ran = calls - window[3], ran - window[4]
+        window[:] = [0.0, 0, now, calls, ran]
         if not self.main:
             return
         step = epoch * self.steps_per_epoch + steps
@@ -313,7 +335,11 @@ class _Reporting:
                   "images_per_second": speed}
         if self.recipe.stochastic_depth.enabled:
             record["drop_rate"] = controller(self.raw).drop_rate
+            # of the gated branch calls in the window, the share that ran (1 - the realised drop rate)
+            record["branches_run"] = window_ran / window_calls if window_calls else None
         rundir.append_metrics(self.run_dir, record, rundir.STEPS)
+        self.accelerator.log({f"train/{k}": v for k, v in record.items()
+                              if k not in ("epoch", "step", "global_step")}, step=step)
         if not self.console.is_terminal and now - self.printed >= _PRINT_EVERY_S:
             # log files and schedulers get a line instead of a bar (not more often than this)
             self.printed = now
@@ -563,7 +589,7 @@ class _Run(_Setup, _Checkpointing, _Reporting):
             batches = accelerator.skip_first_batches(self.train_loader, self.state.step * t.grad_accum)
             steps = self.state.step
         t0 = time.perf_counter()
-        window = [0.0, 0, t0]  # loss sum, images, start of the logging window
+        window = [0.0, 0, t0, *self._branch_calls()]  # loss sum, images, start, gate calls, branches run
         progress = Progress(TextColumn(f"epoch {epoch + 1}/{t.epochs}"), BarColumn(),
                             TextColumn("{task.completed}/{task.total} {task.fields[info]}"),
                             TimeElapsedColumn(), TimeRemainingColumn(),
@@ -617,6 +643,7 @@ class _Run(_Setup, _Checkpointing, _Reporting):
             (self.run_dir / "recipe.yaml").write_text(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False))
         if resume:
             self._resume()
+        self._start_trackers(bool(resume))
         if self.main:
             self._summary()
         if self.main and not self.has_val:
@@ -645,6 +672,8 @@ class _Run(_Setup, _Checkpointing, _Reporting):
                 record["drop_rate"] = controller(self.raw).drop_rate
             if self.main:
                 rundir.append_metrics(self.run_dir, record)
+                accelerator.log({f"epoch/{k}": v for k, v in record.items() if k != "epoch"},
+                                step=self._update(epoch + 1, 0))
                 val = f", val top-1 {metrics['top1']:.2f}%" if metrics else ""
                 self.console.print(f"epoch {epoch + 1}/{t.epochs}: loss {train_loss or float('nan'):.4f}"
                                    f"{val}, {seconds:.1f} s", markup=False, soft_wrap=True)
@@ -694,6 +723,9 @@ class _Run(_Setup, _Checkpointing, _Reporting):
                              best_val_top1=self.state.best if self.has_val else None,
                              best_epoch=self.state.best_epoch, ema_folded=ema_metrics, exported=exported,
                              exported_because=why)
+        tests = {"gated": gated, "folded": folded_metrics, "ema_folded": ema_metrics or {}}
+        self.accelerator.log({f"test/{name}_{k}": v for name, m in tests.items() for k, v in m.items()
+                              if k != "images"}, step=self._update(t.epochs, 0))
         if self.main:
             out = ema if exported == "ema" else final
             if not _all_finite(out):

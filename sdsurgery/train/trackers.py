@@ -1,0 +1,129 @@
+"""Experiment trackers for ``train.log_with``: accelerate's (TensorBoard, W&B, MLflow, ...) and a
+CSV tracker of sdsurgery's own, all written through ``accelerator.log``.
+
+Metric names: ``train/...`` every ``train.log_every_steps`` optimizer steps (loss, lr, drop rate,
+images per second, the fraction of gated branch calls that ran), ``epoch/...`` once per epoch
+(train loss, validation metrics, epoch time), ``test/...`` at the end; the step is the global
+optimizer-update count. TensorBoard writes to ``RUN/tensorboard``, CSV to ``RUN/csv/<group>.csv``.
+"""
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from ..errors import SurgeryError
+
+__all__ = ["TrackerError", "CsvTracker", "check_available", "create_trackers", "flat_config"]
+
+# tracker name -> (module to import, pip package)
+_PACKAGES = {
+    "tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow"),
+    "comet_ml": ("comet_ml", "comet-ml"), "aim": ("aim", "aim"), "clearml": ("clearml", "clearml"),
+    "dvclive": ("dvclive", "dvclive"), "swanlab": ("swanlab", "swanlab"), "trackio": ("trackio", "trackio"),
+}
+
+
+class TrackerError(SurgeryError):
+    """A tracker the recipe names cannot be used here."""
+
+
+def check_available(names: list[str]) -> None:
+    """Every tracker in ``names`` is installed (accelerate would drop a missing one silently)."""
+    for name in names:
+        if name == "csv":
+            continue
+        module, package = _PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise TrackerError(f"train.log_with: {name} needs the {package} package (pip install {package}), "
+                               f"or drop it from train.log_with")
+
+
+def _tracker_base():
+    from accelerate.tracking import GeneralTracker
+    return GeneralTracker
+
+
+class CsvTracker(_tracker_base()):
+    """One CSV file per metric group (``train``, ``epoch``, ``test``: the names' prefix), a column
+    per metric and one for the step; resuming appends, after dropping rows past ``resumed_at``."""
+
+    name = "csv"
+    requires_logging_directory = True
+
+    def __init__(self, directory: str | Path, resumed_at: int | None = None):
+        super().__init__()
+        self.directory, self.resumed_at = Path(directory), resumed_at
+        self.columns: dict[str, list[str]] = {}
+
+    @property
+    def tracker(self):
+        return self
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for path in self.directory.glob("*.csv"):
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if not rows:
+                continue
+            self.columns[path.stem] = rows[0]
+            if self.resumed_at is not None:
+                kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.resumed_at]
+                with open(path, "w", newline="") as f:
+                    csv.writer(f).writerows(kept)
+
+    def store_init_configuration(self, values: dict) -> None:
+        pass  # the run directory's recipe.yaml holds it
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        groups: dict[str, dict[str, Any]] = {}
+        for key, value in values.items():
+            group, _, name = key.partition("/")
+            groups.setdefault(group if name else "metrics", {})[name or key] = value
+        for group, row in groups.items():
+            path = self.directory / f"{group}.csv"
+            header = self.columns.get(group)
+            new = header is None
+            if new:
+                header = self.columns[group] = ["step", *row]
+            unknown = set(row) - set(header)
+            if unknown:
+                raise TrackerError(f"{path}: metrics {sorted(unknown)} are not among its columns")
+            with open(path, "a", newline="") as f:
+                writer = csv.writer(f)
+                if new:
+                    writer.writerow(header)
+                writer.writerow([step] + ["" if row.get(c) is None else row[c] for c in header[1:]])
+
+
+def create_trackers(names: list[str], run_dir: Path, resumed_at: int | None = None) -> list:
+    """accelerate tracker objects for ``names``: TensorBoard under ``run_dir/tensorboard``, the CSV
+    tracker under ``run_dir/csv``, the others with the run directory's name as their run name."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    check_available(names)
+    out = []
+    for name in dict.fromkeys(names):
+        if name == "csv":
+            out.append(CsvTracker(run_dir / "csv", resumed_at))
+        elif name == "tensorboard":
+            out.append(LOGGER_TYPE_TO_CLASS[name]("tensorboard", str(run_dir)))
+        elif LOGGER_TYPE_TO_CLASS[name].requires_logging_directory:
+            out.append(LOGGER_TYPE_TO_CLASS[name]("sdsurgery", str(run_dir)))
+        else:
+            out.append(LOGGER_TYPE_TO_CLASS[name]("sdsurgery"))
+    return out
+
+
+def flat_config(recipe: dict) -> dict[str, Any]:
+    """The recipe as ``section.key: value`` with scalar values (trackers' hyper-parameter tables
+    take nothing else; lists and None become strings)."""
+    out: dict[str, Any] = {}
+    for section, values in recipe.items():
+        items = values.items() if isinstance(values, dict) else [("", values)]
+        for key, value in items:
+            name = f"{section}.{key}" if key else section
+            out[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
