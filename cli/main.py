@@ -285,6 +285,8 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
             submodule: Optional[str] = typer.Option(
                 None, help="Inspect this submodule (qualified name) instead of the whole model: a "
                            "detector's backbone, e.g. backbone.body."),
+            plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw the drop probability "
+                                                "over depth and each branch's FLOPs share into this PNG."),
             ) -> None:
     """Show a model's residual branches, their FLOPs, fold targets and the adds that are not
     residuals. Writes nothing.
@@ -319,6 +321,10 @@ def inspect(target: str = typer.Argument(..., help=MODEL_HELP + " Or a .safetens
     report["model"] = target
     report["converted"] = net is not None
     report["preprocessing"] = meta.get("preprocessing") if target.endswith(".safetensors") else None
+    if plot is not None:
+        from sdsurgery.plots import plot_gates
+        plot_gates(report, plot, title=target)
+        err.print(f"wrote {plot}", markup=False)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -515,6 +521,23 @@ def finetune(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (se
                       f"({result.exported_because})", markup=False)
     console.print(f"training time {result.train_seconds:.0f} s; model saved to {result.model_path}",
                   markup=False)
+
+
+@app.command()
+@user_errors
+def plot(run_dir: Path = typer.Argument(..., help="A run directory (sdsurgery finetune's output_dir)."),
+         out: Optional[Path] = typer.Option(None, "-o", "--out", help="Directory for the PNGs (default: RUN_DIR/plots)."),
+         ) -> None:
+    """Plot a run: loss, validation top-1 (and EMA), lr, drop rate and the share of branches
+    that ran, epoch time; one PNG each and a summary.png with all.
+
+    Example: sdsurgery plot runs/demo
+    """
+    from sdsurgery.plots import plot_run
+    if not run_dir.is_dir():
+        raise ValueError(f"{run_dir} is not a directory; give a run directory (train.output_dir)")
+    for path in plot_run(run_dir, out):
+        console.print(f"wrote {path}", markup=False)
 
 
 @app.command(name="eval")

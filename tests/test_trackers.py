@@ -93,3 +93,23 @@ def test_a_missing_tracker_package_is_one_clear_line(tmp_path, monkeypatch):
     assert r.stderr == ("error: train.log_with: wandb needs the wandb package (pip install wandb), or drop it "
                         "from train.log_with\n")
     assert not (tmp_path / "run").exists()
+
+
+def _png(path):
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plot_a_run_and_the_gates(tmp_path):
+    pytest.importorskip("matplotlib")
+    r = runner.invoke(app, ["finetune", str(recipe(tmp_path, epochs=1))])
+    assert r.exit_code == 0, r.output
+    p = runner.invoke(app, ["plot", str(tmp_path / "run")])
+    assert p.exit_code == 0, p.output
+    names = {"loss", "top1", "lr", "drop_rate", "epoch_time", "summary"}
+    assert {f.stem for f in (tmp_path / "run" / "plots").iterdir()} == names
+    assert all(_png(tmp_path / "run" / "plots" / f"{n}.png") for n in names)
+    i = runner.invoke(app, ["inspect", "cifar_resnet20", "--image-size", "32", "--plot", str(tmp_path / "g.png")])
+    assert i.exit_code == 0 and _png(tmp_path / "g.png"), i.output
+    bad = runner.invoke(app, ["plot", str(tmp_path)])
+    assert bad.exit_code == 2 and "has no steps.jsonl or metrics.jsonl" in bad.stderr
