@@ -16,7 +16,7 @@ import torch.nn as nn
 __all__ = ["BATCH_NORM", "INSTANCE_NORM", "CONV", "POOLS", "children_of", "parameters_of",
            "buffers_of", "remove_forward_hook", "pytree_info", "SPEC_ATTRS", "without_fx_patches",
            "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "compiler_backend",
-           "saved_tensors_hooks_now", "version_of"]
+           "saved_tensors_hooks_now", "version_of", "in_backward"]
 
 # Base classes torch keeps private: every BatchNorm*d / InstanceNorm*d / Conv*d and pooling layer.
 BATCH_NORM: type = nn.modules.batchnorm._BatchNorm
@@ -90,3 +90,9 @@ def saved_tensors_hooks_now():
 def version_of(t: torch.Tensor) -> int:
     """How many in-place changes ``t`` has seen (autograd's version counter)."""
     return t._version
+
+
+def in_backward() -> bool:
+    """Whether autograd's backward is running on this thread: a forward called now is a
+    checkpoint's recomputation (``torch.utils.checkpoint``, either variant)."""
+    return torch._C._current_graph_task_id() != -1

@@ -117,3 +117,23 @@ def test_the_saved_tensor_hooks_in_force_and_version_counters():
     v = _compat.version_of(t)
     t.add_(1)
     assert _compat.version_of(t) == v + 1
+
+
+def test_in_backward_is_true_only_while_autograd_runs_backward():
+    from sdsurgery._compat import in_backward
+    seen = []
+
+    class Probe(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(in_backward())
+            return g
+
+    x = torch.ones(2, requires_grad=True)
+    assert not in_backward()
+    Probe.apply(x).sum().backward()
+    assert seen == [True] and not in_backward()

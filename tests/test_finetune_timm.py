@@ -37,7 +37,7 @@ def everything(tmp_path, **train):
         "ema": {"enabled": True, "decay": 0.9},
         "stochastic_depth": {"drop_rate": 0.3},
         "train": {"epochs": 2, "batch_size": 8, "eval_batch_size": 16, "seed": 2, "label_smoothing": 0.1,
-                  "channels_last": True, "output_dir": str(tmp_path / "run"),
+                  "channels_last": True, "grad_checkpointing": True, "output_dir": str(tmp_path / "run"),
                   "log_every_steps": 1, "keep_checkpoints": 2, **train},
     }
 
@@ -150,7 +150,7 @@ def test_plateau_and_step_schedules_follow_timm(tmp_path, no_md5):
     r["mixup"], r["ema"] = {}, {"enabled": False}
     r["optimizer"] = {"name": "momentum", "lr": 0.1}
     r["schedule"] = {"name": "plateau", "patience_epochs": 0, "decay_rate": 0.5}
-    r["train"]["keep_checkpoints"] = 3
+    r["train"]["keep_checkpoints"], r["train"]["grad_checkpointing"] = 3, False
     res = runner.invoke(app, ["finetune", str(write(tmp_path, r))])
     assert res.exit_code == 0, res.output
     run = tmp_path / "run"
@@ -166,3 +166,33 @@ def test_plateau_and_step_schedules_follow_timm(tmp_path, no_md5):
     assert [e["lr"] for e in lines(cut / "metrics.jsonl")] == lrs
     a, b = load_file(str(run / "model.safetensors")), load_file(str(cut / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpointed_blocks_replay_their_decision_and_skip_dropped_branches():
+    """timm's activation checkpointing recomputes blocks in backward: the gates replay the
+    forward's decision, so the gradients are exactly those without checkpointing, and a
+    dropped branch runs neither in the forward nor in the recomputation (counted)."""
+    def make():
+        torch.manual_seed(0)
+        return sdsurgery.convert(sdsurgery.create_model(VIT["name"], pretrained=False, num_classes=10,
+                                                        **{**VIT["kwargs"], "depth": 6}), drop_rate=0.5, seed=3)
+    plain, checkpointed = make(), make()
+    checkpointed.set_grad_checkpointing(True)
+    runs = {"plain": 0, "checkpointed": 0}
+    for tag, model in (("plain", plain), ("checkpointed", checkpointed)):
+        for name, m in model.named_modules():
+            if name.endswith("mlp.fc1"):
+                m.register_forward_hook(lambda *a, tag=tag: runs.__setitem__(tag, runs[tag] + 1))
+    x = torch.randn(4, 3, 16, 16)
+    for _ in range(6):
+        for model in (plain, checkpointed):
+            model.zero_grad()
+            model(x).sum().backward()
+        for p, q in zip(plain.parameters(), checkpointed.parameters()):
+            assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+    assert 0 < runs["plain"] < 36  # of 6 steps x 6 blocks, some dropped
+    assert runs["checkpointed"] == 2 * runs["plain"]  # kept: forward + recomputation; dropped: never
+    with pytest.raises(Exception, match="has no set_grad_checkpointing"):
+        from sdsurgery.train.loop import finetune
+        finetune(parse_recipe({"model": {"name": "cifar_resnet20"}, "data": {"dataset": "fake", "image_size": 8},
+                               "train": {"grad_checkpointing": True, "epochs": 1, "output_dir": "/nonexistent/x"}}))

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .._compat import saved_tensors_hooks_now, version_of
+from .._compat import in_backward, saved_tensors_hooks_now, version_of
 from ..errors import NotConvertedError
 from .schedules import Schedule, check_rate, rescale, spread
 
@@ -27,6 +27,9 @@ SCALINGS = ("expectation", "inverted")
 CONTROLLER_ATTR = "_sdsurgery"
 FOLDED_ATTR = "_sdsurgery_folded"  # set on a folded model (recorded in checkpoints)
 FOLDED_FROM_ATTR = "_sdsurgery_folded_from"  # the controller a folded model was trained with
+
+
+_REPLAYS = 64  # training decisions a gate keeps for activation checkpointing to replay
 
 
 @dataclass(frozen=True)
@@ -186,6 +189,7 @@ class StochasticDepthGate(nn.Module):
         self.frozen = False  # set by fold(keep_scale=True): always on, eval behaviour
         self.hook_bypass = False  # see GateHook
         self.tail_seen = 0  # calls of a tail called several times per forward (see GateHook)
+        self._recent: list[Decision] = []  # training decisions a checkpoint may recompute
 
     # What the gate knows about its residual, read-only (see GateSpec).
     name = property(lambda self: self.spec.name)
@@ -224,6 +228,13 @@ class StochasticDepthGate(nn.Module):
     @torch.compiler.disable  # drawn eagerly every step; compiled graphs never see the probability
     def _decide(self, n: int, computed: bool = False) -> "Decision":
         training = self.training and not self.frozen
+        if training and in_backward():
+            # Activation checkpointing recomputes this block inside backward: the same decision
+            # as its forward, or the recomputed graph would differ (and a dropped branch run).
+            if not self._recent:
+                raise RuntimeError(f"gate {self.name!r} is recomputed in backward (activation "
+                                   f"checkpointing) without a forward decision to replay")
+            return self._recent.pop()
         d = decide(self.drop_prob, self.controller.mode, self.controller.scaling, n,
                    self.controller.generator, training)
         if d.keep is None:  # all on: the keep path (one compiled graph for both)
@@ -238,6 +249,9 @@ class StochasticDepthGate(nn.Module):
             self.controller.calls += 1
             self.controller.ran += 1.0 if computed or d.keep is True else (
                 0.0 if d.keep is False else len(d.index) / n)
+            self._recent.append(d)  # replayed, last first, if checkpointing recomputes the block
+            if len(self._recent) > _REPLAYS:
+                del self._recent[0]
         return d
 
     def forward(self, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor | None,

@@ -451,7 +451,14 @@ class _Setup:
             raise WeightsError(f"{what}; train from random weights with --set model.pretrained=false, "
                                f"or give a local file with --set model.weights=FILE") from e
         splits = self._datasets(model)
-        self._build_loaders(self._gated(model), splits)
+        model = self._gated(model)
+        if t.grad_checkpointing:
+            if not callable(getattr(model, "set_grad_checkpointing", None)):
+                raise SurgeryError(f"train.grad_checkpointing: {type(model).__name__} has no "
+                                   f"set_grad_checkpointing() (timm models have it); drop the key")
+            # recomputed blocks replay their gate's decision: dropped branches stay skipped
+            model.set_grad_checkpointing(True)
+        self._build_loaders(model, splits)
 
     def _gated(self, model: nn.Module) -> nn.Module:
         """``model`` converted as the recipe says (at drop rate 0 when it warms up)."""
