@@ -223,3 +223,15 @@ def test_the_finetune_recipes_run_end_to_end(tmp_path, name):
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["ema_folded"] is not None and result["exported"] in ("model", "ema")
     assert (tmp_path / "run" / "csv" / "train.csv").is_file()
+
+
+def test_timm_posterize_at_zero_bits_is_a_black_image_not_a_crash():
+    """timm's RandAugment posterizes to 0 bits at its top magnitude ('inc1' policies); Pillow 13
+    refuses 0 bits. After the transforms are built, the op gives the black image instead."""
+    from PIL import Image
+    from timm.data import auto_augment
+    load_datasets("fake", image_size=8, fake_size=4, timm=TimmTransforms(auto_augment="rand-m9-mstd0.5-inc1"))
+    img = Image.new("RGB", (4, 4), (200, 100, 50))
+    out = auto_augment.NAME_TO_OP["PosterizeIncreasing"](img, 0)
+    assert out.size == img.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
+    assert auto_augment.NAME_TO_OP["Posterize"](img, 4).getpixel((0, 0)) == (192, 96, 48)  # unchanged above 0

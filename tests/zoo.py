@@ -382,8 +382,8 @@ def _skip_verified(converted: nn.Module, residuals, x, row: ZooRow, steps: int =
     gates = {g.name: g for g in sdsurgery.gates(converted)}
     decisions: dict[str, list] = {}
     for g in gates.values():
-        def record(n, g=g, own=type(g)._decide):
-            d = own(g, n)
+        def record(n, computed=False, g=g, own=type(g)._decide):
+            d = own(g, n, computed)
             decisions.setdefault(g.name, []).append(d.keep)
             return d
         g._decide = record

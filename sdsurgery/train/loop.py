@@ -679,7 +679,8 @@ class _Run(_Setup, _Checkpointing, _Reporting):
                 record["drop_rate"] = controller(self.raw).drop_rate
             if self.main:
                 rundir.append_metrics(self.run_dir, record)
-                accelerator.log({f"epoch/{k}": v for k, v in record.items() if k != "epoch"},
+                accelerator.log({f"epoch/{k}": v for k, v in record.items()
+                                 if k != "epoch" and not k.endswith("images")},
                                 step=self._update(epoch + 1, 0))
                 val = f", val top-1 {metrics['top1']:.2f}%" if metrics else ""
                 self.console.print(f"epoch {epoch + 1}/{t.epochs}: loss {train_loss or float('nan'):.4f}"
@@ -711,7 +712,7 @@ class _Run(_Setup, _Checkpointing, _Reporting):
         if not self.has_val:
             return ema, metrics, "model", "no validation split to choose on (data.val_split)"
         mine, its = self._evaluate(self.model, self.eval_loader)["top1"], self._evaluate(prepared, self.eval_loader)["top1"]
-        why = f"validation top-1 {its:.2f}% (EMA) vs {mine:.2f}% (model)"
+        why = f"validation top-1: EMA {its:.2f}%, model {mine:.2f}%{'; a tie keeps the model' if its == mine else ''}"
         return ema, metrics, "ema" if its > mine else "model", why
 
     def _finish(self, train_seconds: float) -> TrainResult:
