@@ -514,8 +514,9 @@ def finetune(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (se
         table.add_row(name, "test", f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['loss']:.4f}")
     console.print(table)
     if result.best_val_top1 is not None:
+        what = "the last epoch's EMA" if result.exported == "ema" else "the last epoch's model"
         console.print(f"best validation top-1 {result.best_val_top1:.2f}% at epoch {result.best_epoch} "
-                      f"(checkpoints/best); the exported model is the last epoch's, folded", markup=False)
+                      f"(checkpoints/best); the exported model is {what}, folded", markup=False)
     if result.ema_folded is not None:
         console.print(f"exported: the {'EMA' if result.exported == 'ema' else 'model'}, folded "
                       f"({result.exported_because})", markup=False)

@@ -16,7 +16,7 @@ import torch.nn as nn
 __all__ = ["BATCH_NORM", "INSTANCE_NORM", "CONV", "POOLS", "children_of", "parameters_of",
            "buffers_of", "remove_forward_hook", "pytree_info", "SPEC_ATTRS", "without_fx_patches",
            "canonical_mask", "none_or_dtype", "detect_is_causal_mask", "compiler_backend",
-           "saved_tensors_hooks_now", "version_of", "in_backward"]
+           "saved_tensors_hooks_now", "version_of", "graph_task"]
 
 # Base classes torch keeps private: every BatchNorm*d / InstanceNorm*d / Conv*d and pooling layer.
 BATCH_NORM: type = nn.modules.batchnorm._BatchNorm
@@ -92,7 +92,8 @@ def version_of(t: torch.Tensor) -> int:
     return t._version
 
 
-def in_backward() -> bool:
-    """Whether autograd's backward is running on this thread: a forward called now is a
-    checkpoint's recomputation (``torch.utils.checkpoint``, either variant)."""
-    return torch._C._current_graph_task_id() != -1
+def graph_task() -> int | None:
+    """The id of the backward pass autograd is running on this thread (None outside backward):
+    a forward called inside one is a checkpoint's recomputation (``torch.utils.checkpoint``)."""
+    task = torch._C._current_graph_task_id()
+    return None if task == -1 else task

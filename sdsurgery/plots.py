@@ -30,16 +30,21 @@ def _pyplot():
     return plt
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
+def _read(path: Path, keys: tuple[str, ...]) -> list[dict[str, Any]]:
+    """The JSON lines of ``path``, each an object with integer ``keys`` (a one-line error else)."""
     if not path.is_file():
         return []
     out = []
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise PlotError(f"{path}:{n} is not JSON ({e.msg})") from e
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PlotError(f"{path}:{n} is not JSON ({e.msg})") from e
+        if not isinstance(row, dict) or not all(isinstance(row.get(k), int) for k in keys):
+            raise PlotError(f"{path}:{n} is not a line sdsurgery wrote (an object with {', '.join(keys)})")
+        out.append({k: v for k, v in row.items() if k in keys or isinstance(v, (int, float))})
     return out
 
 
@@ -89,7 +94,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     with all of them) in ``out_dir`` (default: ``RUN/plots``); returns the files written. A
     panel with no data (no validation split: top-1) is left out."""
     run_dir = Path(run_dir)
-    steps, epochs = _read(run_dir / "steps.jsonl"), _read(run_dir / "metrics.jsonl")
+    steps = _read(run_dir / "steps.jsonl", ("step", "global_step"))
+    epochs = _read(run_dir / "metrics.jsonl", ("epoch",))
     if not steps and not epochs:
         raise PlotError(f"{run_dir} has no steps.jsonl or metrics.jsonl to plot (is it a run directory?)")
     plt = _pyplot()

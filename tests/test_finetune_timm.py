@@ -193,6 +193,24 @@ def test_checkpointed_blocks_replay_their_decision_and_skip_dropped_branches():
             assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
     assert 0 < runs["plain"] < 36  # of 6 steps x 6 blocks, some dropped
     assert runs["checkpointed"] == 2 * runs["plain"]  # kept: forward + recomputation; dropped: never
+    # a train-mode forward without grad between forward and backward, and a second backward of
+    # a retained graph, replay the right decisions (sample mode: per-sample decisions)
+    for mode in ("block", "sample"):
+        for model in (plain, checkpointed):
+            for g in sdsurgery.gates(model):
+                g.controller.mode = mode
+        for _ in range(6):
+            grads = []
+            for model in (plain, checkpointed):
+                model.zero_grad()
+                out = model(x)
+                with torch.no_grad():
+                    model(x)
+                out.sum().backward(retain_graph=True)
+                out.sum().backward()
+                grads.append([p.grad for p in model.parameters()])
+            for p, q in zip(*grads):
+                assert (p is None and q is None) or torch.equal(p, q)
     with pytest.raises(Exception, match="has no set_grad_checkpointing"):
         from sdsurgery.train.loop import finetune
         finetune(parse_recipe({"model": {"name": "cifar_resnet20"}, "data": {"dataset": "fake", "image_size": 8},
@@ -235,3 +253,22 @@ def test_timm_posterize_at_zero_bits_is_a_black_image_not_a_crash():
     out = auto_augment.NAME_TO_OP["PosterizeIncreasing"](img, 0)
     assert out.size == img.size and out.getextrema() == ((0, 0), (0, 0), (0, 0))
     assert auto_augment.NAME_TO_OP["Posterize"](img, 4).getpixel((0, 0)) == (192, 96, 48)  # unchanged above 0
+
+
+def test_a_resumed_run_follows_the_recipes_schedule_not_the_checkpoints(tmp_path):
+    """--resume --set train.epochs=N stretches the schedule: epoch 2 of a 1-epoch run resumed to
+    2 epochs has the lrs of a 2-epoch run's epoch 2 (a restored cosine would be at min_lr)."""
+    r = {"model": {"name": "cifar_resnet20"}, "data": {"dataset": "fake", "image_size": 8},
+         "optimizer": {"name": "sgd", "lr": 0.1}, "schedule": {"name": "cosine", "min_lr": 0.0},
+         "train": {"epochs": 2, "batch_size": 16, "max_steps_per_epoch": 4, "log_every_steps": 1,
+                   "output_dir": str(tmp_path / "straight")}}
+    path = write(tmp_path, r)
+    assert runner.invoke(app, ["finetune", str(path)]).exit_code == 0
+    short = runner.invoke(app, ["finetune", str(path), "--set", "train.epochs=1",
+                                "--set", f"train.output_dir={tmp_path / 'short'}"])
+    assert short.exit_code == 0, short.output
+    resumed = runner.invoke(app, ["finetune", "--resume", str(tmp_path / "short"), "--set", "train.epochs=2"])
+    assert resumed.exit_code == 0, resumed.output
+    epoch2 = lambda run: [s["lr"] for s in lines(run / "steps.jsonl") if s["epoch"] == 2]
+    assert epoch2(tmp_path / "short") == pytest.approx(epoch2(tmp_path / "straight"), rel=1e-12)
+    assert min(epoch2(tmp_path / "short")[:-1]) > 0.001

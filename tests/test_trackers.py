@@ -113,3 +113,11 @@ def test_plot_a_run_and_the_gates(tmp_path):
     assert i.exit_code == 0 and _png(tmp_path / "g.png"), i.output
     bad = runner.invoke(app, ["plot", str(tmp_path)])
     assert bad.exit_code == 2 and "has no steps.jsonl or metrics.jsonl" in bad.stderr
+
+
+@pytest.mark.parametrize("line", ['{"lr": 0.1}', "[1]", '{"step": "x", "global_step": 1}'])
+def test_plot_refuses_lines_it_did_not_write_in_one_line(tmp_path, line):
+    (tmp_path / "steps.jsonl").write_text('{"step": 1, "global_step": 1, "loss": 2.0}\n' + line + "\n")
+    r = runner.invoke(app, ["plot", str(tmp_path)])
+    assert r.exit_code == 2 and r.stderr.startswith(f"error: {tmp_path / 'steps.jsonl'}:2 is not a line")
+    assert r.stderr.count("\n") == 1

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from .._compat import in_backward, saved_tensors_hooks_now, version_of
+from .._compat import graph_task, saved_tensors_hooks_now, version_of
 from ..errors import NotConvertedError
 from .schedules import Schedule, check_rate, rescale, spread
 
@@ -189,7 +189,7 @@ class StochasticDepthGate(nn.Module):
         self.frozen = False  # set by fold(keep_scale=True): always on, eval behaviour
         self.hook_bypass = False  # see GateHook
         self.tail_seen = 0  # calls of a tail called several times per forward (see GateHook)
-        self._recent: list[Decision] = []  # training decisions a checkpoint may recompute
+        self._recent: list[tuple[Decision, set]] = []  # grad-mode training decisions, backwards that replayed them
 
     # What the gate knows about its residual, read-only (see GateSpec).
     name = property(lambda self: self.spec.name)
@@ -228,13 +228,9 @@ class StochasticDepthGate(nn.Module):
     @torch.compiler.disable  # drawn eagerly every step; compiled graphs never see the probability
     def _decide(self, n: int, computed: bool = False) -> "Decision":
         training = self.training and not self.frozen
-        if training and in_backward():
-            # Activation checkpointing recomputes this block inside backward: the same decision
-            # as its forward, or the recomputed graph would differ (and a dropped branch run).
-            if not self._recent:
-                raise RuntimeError(f"gate {self.name!r} is recomputed in backward (activation "
-                                   f"checkpointing) without a forward decision to replay")
-            return self._recent.pop()
+        task = graph_task() if training else None
+        if task is not None:
+            return self._replay(task)
         d = decide(self.drop_prob, self.controller.mode, self.controller.scaling, n,
                    self.controller.generator, training)
         if d.keep is None:  # all on: the keep path (one compiled graph for both)
@@ -249,10 +245,24 @@ class StochasticDepthGate(nn.Module):
             self.controller.calls += 1
             self.controller.ran += 1.0 if computed or d.keep is True else (
                 0.0 if d.keep is False else len(d.index) / n)
-            self._recent.append(d)  # replayed, last first, if checkpointing recomputes the block
-            if len(self._recent) > _REPLAYS:
-                del self._recent[0]
+            if torch.is_grad_enabled():  # a forward backward may recompute (checkpointing)
+                self._recent.append((d, set()))
+                if len(self._recent) > _REPLAYS:
+                    del self._recent[0]
         return d
+
+    def _replay(self, task: int) -> "Decision":
+        """Activation checkpointing recomputes this block inside backward ``task``: it must make
+        its forward's decision again, or the recomputed graph differs (and a dropped branch
+        runs). The newest decision this backward has not replayed yet: backward recomputes the
+        latest forward first, and a second backward of a retained graph replays it again."""
+        for d, used in reversed(self._recent):
+            if task not in used:
+                used.add(task)
+                return d
+        raise RuntimeError(f"gate {self.name!r} is recomputed in backward without a forward decision "
+                           f"to replay: activation checkpointing is supported in its non-reentrant form "
+                           f"(timm's default; torch.utils.checkpoint(..., use_reentrant=False))")
 
     def forward(self, branch: Callable[..., torch.Tensor], shortcut: torch.Tensor | None,
                 *inputs: Any) -> torch.Tensor:

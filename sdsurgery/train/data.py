@@ -136,16 +136,19 @@ def _posterize_zero_bits() -> None:
         return
     except ValueError:
         pass
-    original = auto_augment.posterize
-
-    def posterize(img, bits_to_keep, **kwargs):
-        if bits_to_keep < 1:
-            return Image.new(img.mode, img.size)  # all bits cleared: black, as Pillow < 13 gave
-        return original(img, bits_to_keep, **kwargs)
-
     for name, op in list(auto_augment.NAME_TO_OP.items()):
-        if op is original:
-            auto_augment.NAME_TO_OP[name] = posterize
+        if op is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize  # module-level: transforms still pickle
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, with 0 bits the black image Pillow < 13 gave (see _posterize_zero_bits)."""
+    from PIL import Image
+    from timm.data import auto_augment
+
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
 
 
 def _transforms(train: bool, size: int, native: int | None, mean, std, flip: bool, augment: bool,

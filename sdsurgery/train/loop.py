@@ -247,7 +247,10 @@ def finetune(recipe: Recipe, *, resume: str | Path | None = None, console=None) 
         try:
             return _Run(recipe, accelerator, run_dir, console).train(bool(resume))
         finally:
-            accelerator.end_training()  # flush and close the trackers, however the run ends
+            # flush and close the trackers however the run ends (accelerator.end_training()
+            # would also destroy the process group, which the caller may still use)
+            for tracker in accelerator.trackers:
+                tracker.finish()
     except KeyboardInterrupt:
         last = resume_state.checkpoints(run_dir)[-1:] if run_dir is not None else []
         raise Interrupted(f"interrupted; the last checkpoint is {last[0]} (continue with --resume "
@@ -404,6 +407,8 @@ class _Checkpointing:
             if self.accelerator.scaler is not None and "scaler" in ck.states:
                 self.accelerator.scaler.load_state_dict(ck.states["scaler"])
             self.state.load_state_dict(ck.loop)
+            # the recipe's schedule at the update count reached (a longer run stretches it)
+            parts.step_scheduler(self.scheduler, update=self._update(self.state.epoch, self.state.step))
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{ck.directory} does not fit this run's recipe "
                                   f"({first_line(e, with_type=True)})") from e
@@ -510,12 +515,13 @@ class _Setup:
         if t.channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer = parts.create_optimizer(recipe, model)
-        steps = math.ceil(len(train_loader) / accelerator.num_processes / t.grad_accum)
+        (self.model, self.optimizer, self.train_loader, self.eval_loader,
+         self.test_loader) = accelerator.prepare(model, optimizer, train_loader, eval_loader, test_loader)
+        # this process's share of the batches, as accelerate shards them (drop_last: the floor)
+        steps = math.ceil(len(self.train_loader) / t.grad_accum)
         self.steps_per_epoch = min(steps, t.max_steps_per_epoch) if t.max_steps_per_epoch else steps
         # timm's schedulers are stepped by the loop with the global update count, not by accelerate
         self.scheduler = parts.create_scheduler(recipe, optimizer, self.steps_per_epoch)
-        (self.model, self.optimizer, self.train_loader, self.eval_loader,
-         self.test_loader) = accelerator.prepare(model, optimizer, train_loader, eval_loader, test_loader)
         self.raw = accelerator.unwrap_model(self.model, keep_torch_compile=False)  # the converted model itself
         self.mixup = parts.create_mixup(recipe, self.num_classes)
         self.loss_fn, self.plain_loss = parts.create_loss(recipe)
@@ -547,6 +553,8 @@ class _Run(_Setup, _Checkpointing, _Reporting):
         t, accelerator = self.recipe.train, self.accelerator
         if t.clip_grad:
             norm = accelerator.clip_grad_norm_(self.model.parameters(), t.clip_grad)
+            if accelerator.scaler is not None:
+                norm = None  # an fp16 overflow: the scaler skips the step and lowers its scale
         else:  # an AMP scaler skips inf gradients itself
             norm = _grad_norm(self.model) if accelerator.scaler is None else None
         bad, what = self._step_is_bad(bad_loss, norm)
@@ -734,10 +742,10 @@ class _Run(_Setup, _Checkpointing, _Reporting):
         tests = {"gated": gated, "folded": folded_metrics, "ema_folded": ema_metrics or {}}
         self.accelerator.log({f"test/{name}_{k}": v for name, m in tests.items() for k, v in m.items()
                               if k != "images"}, step=self._update(t.epochs, 0))
+        out = ema if exported == "ema" else final
+        if not _all_finite(out):  # on every rank (identical weights): none waits for a rank that raised
+            raise self._diverged("the folded EMA's weights are not finite; it was not exported")
         if self.main:
-            out = ema if exported == "ema" else final
-            if not _all_finite(out):
-                raise self._diverged("the folded EMA's weights are not finite; it was not exported")
             ckpt.save(out.to("cpu") if (sd.enabled or exported == "ema") else out, model_path,
                       preprocessing=self.preprocessing)
             (self.run_dir / "result.json").write_text(json.dumps(rundir.json_safe(asdict(result)),

@@ -71,16 +71,21 @@ def create_scheduler(recipe: Recipe, optimizer: torch.optim.Optimizer, steps_per
     return scheduler
 
 
-def _stateful(scheduler):
-    """What holds a scheduler's state: timm's plateau keeps it in torch's ReduceLROnPlateau
-    (best metric, patience and cooldown counters), which timm's own state_dict leaves out."""
+# What a checkpoint keeps of a schedule: timm's schedules are functions of the update count,
+# rebuilt from the recipe on resume (so --set train.epochs=N stretches them); only plateau has
+# counters, kept in torch's ReduceLROnPlateau (timm's own state_dict leaves them out).
+_PLATEAU_STATE = ("best", "num_bad_epochs", "cooldown_counter", "last_epoch")
+
+
+def _plateau(scheduler):
     inner = getattr(scheduler, "lr_scheduler", None)
-    return inner if isinstance(inner, torch.optim.lr_scheduler.ReduceLROnPlateau) else scheduler
+    return inner if isinstance(inner, torch.optim.lr_scheduler.ReduceLROnPlateau) else None
 
 
 def scheduler_state(scheduler) -> dict:
-    """The scheduler's whole state, for a checkpoint ({} without a scheduler)."""
-    return _stateful(scheduler).state_dict() if scheduler is not None else {}
+    """The plateau counters for a checkpoint ({} for every other schedule)."""
+    inner = _plateau(scheduler)
+    return {k: getattr(inner, k) for k in _PLATEAU_STATE} if inner is not None else {}
 
 
 def step_scheduler(scheduler, *, update: int | None = None, epoch: int | None = None,
@@ -95,23 +100,17 @@ def step_scheduler(scheduler, *, update: int | None = None, epoch: int | None = 
 
 
 def load_scheduler_state(scheduler, state: dict) -> None:
-    """A checkpoint's scheduler state: the keys this scheduler has, of the types it has; anything
-    else is an error (timm's ``load_state_dict`` would set any attribute a file names)."""
-    if scheduler is None:
-        if state:
-            raise ValueError("the checkpoint has a scheduler state and this recipe no schedule")
+    """A checkpoint's plateau counters (numbers only; nothing else is read from the file). A
+    checkpoint of another schedule holds none; one of an older version, timm's whole state, is
+    ignored: the schedule is the recipe's."""
+    inner = _plateau(scheduler)
+    if inner is None or not set(_PLATEAU_STATE) <= set(state):
         return
-    scheduler = _stateful(scheduler)
-    own = scheduler.state_dict()
-    for key, value in state.items():
-        if key not in own:
-            raise ValueError(f"unexpected scheduler state key {key!r}")
-        mine = own[key]
-        if mine is not None and value is not None and not isinstance(value, type(mine)) \
-                and not (isinstance(mine, (int, float)) and isinstance(value, (int, float))):
-            raise ValueError(f"scheduler state {key!r} is a {type(value).__name__}, expected "
-                             f"{type(mine).__name__}")
-    scheduler.load_state_dict(state)
+    for key in _PLATEAU_STATE:
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"plateau state {key!r} must be a number, got {type(value).__name__}")
+        setattr(inner, key, type(getattr(inner, key))(value))
 
 
 def head_lr(optimizer: torch.optim.Optimizer) -> float:

@@ -108,7 +108,7 @@ class MixupConfig:
     prob: float = 1.0
     switch_prob: float = 0.5
     mode: str = "batch"                    # batch | pair | elem
-    off_epoch: Optional[int] = None        # no mixup from this epoch (1-based) on
+    off_epoch: Optional[int] = None        # timm's mixup_off_epoch: no mixing once this many epochs are done
 
 
 @dataclass
@@ -382,6 +382,9 @@ def _check_together(r: Recipe) -> None:
     if (mix.mixup_alpha > 0 or mix.cutmix_alpha > 0 or mix.cutmix_minmax) and r.train.batch_size % 2:
         raise RecipeError(f"mixup / cutmix mix the batch with its reverse and need an even "
                           f"train.batch_size, got {r.train.batch_size}")
+    if r.optimizer.layer_decay is not None and r.schedule.name == "none":
+        raise RecipeError("optimizer.layer_decay is applied by the schedule (timm's lr_scale); with "
+                          "schedule.name: none it would do nothing: use schedule.name: constant")
     if r.schedule.name == "plateau" and not r.data.val_split:
         raise RecipeError("schedule.name: plateau follows the validation top-1; set data.val_split "
                           "(e.g. 10% of the training images)")

@@ -70,7 +70,10 @@ class CsvTracker(_tracker_base()):
                 continue
             self.columns[path.stem] = rows[0]
             if self.resumed_at is not None:
-                kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.resumed_at]
+                try:
+                    kept = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.resumed_at]
+                except ValueError as e:
+                    raise TrackerError(f"{path} is not a CSV this tracker wrote ({e}); move it away") from e
                 with open(path, "w", newline="") as f:
                     csv.writer(f).writerows(kept)
 
@@ -100,7 +103,8 @@ class CsvTracker(_tracker_base()):
 
 def create_trackers(names: list[str], run_dir: Path, resumed_at: int | None = None) -> list:
     """accelerate tracker objects for ``names``: TensorBoard under ``run_dir/tensorboard``, the CSV
-    tracker under ``run_dir/csv``, the others with the run directory's name as their run name."""
+    tracker under ``run_dir/csv``, the others under the project name ``sdsurgery`` (those that keep
+    files, under ``run_dir``)."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     check_available(names)
