@@ -272,3 +272,28 @@ def test_a_resumed_run_follows_the_recipes_schedule_not_the_checkpoints(tmp_path
     epoch2 = lambda run: [s["lr"] for s in lines(run / "steps.jsonl") if s["epoch"] == 2]
     assert epoch2(tmp_path / "short") == pytest.approx(epoch2(tmp_path / "straight"), rel=1e-12)
     assert min(epoch2(tmp_path / "short")[:-1]) > 0.001
+
+
+def test_two_cpu_ranks_with_ema_mixup_and_trackers(tmp_path):
+    """Two gloo ranks with EMA, mixup / cutmix, the CSV tracker and an EMA export decision: the
+    run ends (no rank waits for another that stopped), one rank writes, the ranks agree."""
+    import os
+    import subprocess
+    import sys
+    r = {"model": {"name": "models:residual_convnet"}, "data": {"dataset": "fake", "image_size": 8, "val_split": 32},
+         "optimizer": {"name": "adamw", "lr": 0.01}, "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+         "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}, "ema": {"enabled": True, "decay": 0.9},
+         "stochastic_depth": {"drop_rate": 0.3},
+         "train": {"epochs": 2, "batch_size": 8, "seed": 1, "cpu": True, "max_steps_per_epoch": 3,
+                   "log_every_steps": 1, "log_with": ["csv"], "output_dir": str(tmp_path / "run")}}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29531", "-m", "sdsurgery", "finetune", "--trust-code",
+                          str(write(tmp_path, r))], env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    run = tmp_path / "run"
+    assert len(lines(run / "metrics.jsonl")) == 2 and all("val_ema_top1" in e for e in lines(run / "metrics.jsonl"))
+    assert (run / "csv" / "train.csv").read_text().count("\n") == 1 + 6  # header + 3 steps x 2 epochs, once
+    result = json.loads((run / "result.json").read_text())
+    assert result["exported"] in ("model", "ema") and result["ema_folded"]["images"] == result["folded"]["images"]
+    assert two.stdout.count("exported: the") == 1
