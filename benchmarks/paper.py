@@ -70,7 +70,9 @@ def _recipe(args, depth: int, setting: str, seed: int, out: Path):
         r.data.dataset, r.data.image_size, r.data.val_split = "digits", args.image_size, 144
         r.train.batch_size, r.train.epochs = 64, args.epochs
         r.schedule.decay_milestones = [args.epochs * 0.5, args.epochs * 0.75]
-        r.schedule.warmup_epochs = min(1.0, args.epochs * 0.1)
+        r.schedule.warmup_epochs = min(1.0, args.epochs * 0.1) if args.warmup_epochs is None else args.warmup_epochs
+    if args.warmup_lr is not None:
+        r.schedule.warmup_lr = args.warmup_lr
     elif args.epochs:
         scale = args.epochs / r.train.epochs
         r.train.epochs, r.schedule.decay_milestones = args.epochs, [m * scale for m in r.schedule.decay_milestones]
@@ -186,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=None, help="digits: 30; real data: the recipe's")
     p.add_argument("--image-size", type=int, default=16, help="digits only (8x8 images upsampled)")
     p.add_argument("--drop-rate", type=float, default=0.5)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="digits: 1 (of 30)")
+    p.add_argument("--warmup-lr", type=float, default=None,
+                   help="lr the warm-up starts at (default 1e-5; He et al. warm ResNet-110 up at 0.01)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "paper")
     p.add_argument("--quick", action="store_true", help="ResNet-20, 2 seeds, 2 epochs of 3 steps: the plumbing")
     args = p.parse_args(argv)
