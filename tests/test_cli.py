@@ -284,3 +284,10 @@ def test_ctrl_c_before_a_command_body_starts_is_130_and_one_line(monkeypatch, ca
         signal.signal(signal.SIGINT, handler)
     assert e.value.code == 130
     assert capsys.readouterr().err == "interrupted; nothing was written\n"
+
+
+def test_cifar_models_are_inspected_at_their_own_size():
+    r = runner.invoke(app, ["inspect", "cifar_resnet110", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)["summary"]
+    assert summary["image_size"] == 32 and abs(summary["expected_training_compute"] - 0.746) < 0.002

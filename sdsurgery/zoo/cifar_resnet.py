@@ -51,6 +51,7 @@ class CifarResNet(nn.Module):
         super().__init__()
         self.depth = 6 * blocks + 2
         self.num_classes = num_classes
+        self.image_size = 32  # what it is built for: inspect / bench count FLOPs at this size by default
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         layers, in_planes = [], 16
