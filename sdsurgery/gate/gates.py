@@ -7,6 +7,7 @@ backward.
 """
 from __future__ import annotations
 
+import collections
 import types
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -189,7 +190,8 @@ class StochasticDepthGate(nn.Module):
         self.frozen = False  # set by fold(keep_scale=True): always on, eval behaviour
         self.hook_bypass = False  # see GateHook
         self.tail_seen = 0  # calls of a tail called several times per forward (see GateHook)
-        self._recent: list[tuple[Decision, set]] = []  # grad-mode training decisions, backwards that replayed them
+        # grad-mode training decisions (the newest _REPLAYS) and the backward passes that replayed them
+        self._recent: collections.deque[tuple[Decision, set]] = collections.deque(maxlen=_REPLAYS)
 
     # What the gate knows about its residual, read-only (see GateSpec).
     name = property(lambda self: self.spec.name)
@@ -247,8 +249,6 @@ class StochasticDepthGate(nn.Module):
                 0.0 if d.keep is False else len(d.index) / n)
             if torch.is_grad_enabled():  # a forward backward may recompute (checkpointing)
                 self._recent.append((d, set()))
-                if len(self._recent) > _REPLAYS:
-                    del self._recent[0]
         return d
 
     def _replay(self, task: int) -> "Decision":

@@ -524,7 +524,7 @@ class _Setup:
         self.scheduler = parts.create_scheduler(recipe, optimizer, self.steps_per_epoch)
         self.raw = accelerator.unwrap_model(self.model, keep_torch_compile=False)  # the converted model itself
         self.mixup = parts.create_mixup(recipe, self.num_classes)
-        self.loss_fn, self.plain_loss = parts.create_loss(recipe)
+        self.loss_fn = parts.create_loss(recipe)
         self.ema = parts.create_ema(recipe, self.raw)
 
 
@@ -618,11 +618,11 @@ class _Run(_Setup, _Checkpointing, _Reporting):
                     cb.before_batch(epoch, steps, micro)
                 if t.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
+                target = y
                 if self.mixup is not None:
-                    x, y_soft = self.mixup(x, y)
+                    x, target = self.mixup(x, y)  # soft targets
                 with accelerator.accumulate(self.model):
-                    out = self.model(x)
-                    loss = self.loss_fn(out, y_soft) if self.mixup is not None else self.loss_fn(out, y)
+                    loss = self.loss_fn(self.model(x), target)
                     accelerator.backward(loss)
                     value = loss.item()
                     bad_loss = bad_loss or not math.isfinite(value)
@@ -755,7 +755,7 @@ class _Run(_Setup, _Checkpointing, _Reporting):
             shown = {"gated": gated["top1"], "folded": folded_metrics["top1"]}
             if exported == "ema":
                 shown["EMA folded"] = ema_metrics["top1"]
-            worst = min(gated["top1"], folded_metrics["top1"], *([ema_metrics["top1"]] if exported == "ema" else []))
+            worst = min(shown.values())
             if worst < t.require_top1:
                 listed = ", ".join(f"{k} {v:.2f}%" for k, v in shown.items())
                 raise SurgeryError(f"test top-1 {worst:.2f}% ({listed}) is below the recipe's "

@@ -136,13 +136,14 @@ def create_mixup(recipe: Recipe, num_classes: int):
                  num_classes=num_classes)
 
 
-def create_loss(recipe: Recipe) -> tuple[nn.Module, nn.Module]:
-    """(the loss on mixed batches, the loss on plain ones): timm's SoftTargetCrossEntropy for
-    soft targets (mixup carries the label smoothing), cross-entropy with label smoothing else."""
+def create_loss(recipe: Recipe) -> nn.Module:
+    """The training loss: timm's SoftTargetCrossEntropy on mixup's soft targets (mixup carries the
+    label smoothing), cross-entropy with label smoothing else."""
     from timm.loss import SoftTargetCrossEntropy
 
-    plain = nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
-    return (SoftTargetCrossEntropy() if mixup_active(recipe) else plain), plain
+    if mixup_active(recipe):
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=recipe.train.label_smoothing)
 
 
 def create_ema(recipe: Recipe, model: nn.Module):
