@@ -15,6 +15,34 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
+def _unraisable(unraisable) -> None:
+    # Python swallows an exception raised where it cannot propagate (a weakref callback such as
+    # importlib's module-lock cleanup, a __del__) and prints "Exception ignored in ...". A
+    # KeyboardInterrupt from our handler lost that way would leave the command running: deliver
+    # the interrupt again, from a thread a moment later (Python runs the handler in the main
+    # thread once this hook has returned), and print nothing about the lost one.
+    if issubclass(unraisable.exc_type, KeyboardInterrupt) and _interrupted:
+        import os
+        import threading
+        again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
+        again.daemon = True
+        again.start()
+        return
+    _chained_unraisable(unraisable)
+
+
+_chained_unraisable = sys.unraisablehook
+
+
+def _install_on_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt (also where Python would swallow it, see _unraisable)."""
+    global _chained_unraisable
+    if sys.unraisablehook is not _unraisable:
+        _chained_unraisable = sys.unraisablehook
+        sys.unraisablehook = _unraisable
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
 def _defer_sigint(signum, frame):
     # While torch and its extensions import: a KeyboardInterrupt raised inside a C++ callback
     # aborts the process ("terminate called ... pybind11::error_already_set"); note it instead.
@@ -50,7 +78,7 @@ def run() -> None:
         if _interrupted:
             raise KeyboardInterrupt
         if signal.getsignal(signal.SIGINT) is _defer_sigint:
-            signal.signal(signal.SIGINT, _on_sigint)
+            _install_on_sigint()
         main()
     except SystemExit as e:
         # Ctrl-C outside a command's body (typer parsing its arguments, right after the imports)
