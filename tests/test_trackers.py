@@ -82,6 +82,12 @@ def test_csv_and_tensorboard_trackers_on_a_run_and_its_resume(tmp_path):
     assert [int(s["step"]) for s in again] == [2, 4, 6, 8]
     assert [s["loss"] for s in again] == [s["loss"] for s in steps]
     assert [s["branches_run"] for s in again] == [s["branches_run"] for s in steps]
+    # TensorBoard too (SummaryWriter's purge_step): each step once, the resumed run's values
+    resumed_events = EventAccumulator(str(cut / "tensorboard"))
+    resumed_events.Reload()
+    for tag in ("train/loss", "epoch/val_top1"):
+        before = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [(e.step, e.value) for e in resumed_events.Scalars(tag)] == before, tag
 
 
 def test_a_missing_tracker_package_is_one_clear_line(tmp_path, monkeypatch):

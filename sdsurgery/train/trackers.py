@@ -104,7 +104,8 @@ class CsvTracker(_tracker_base()):
 def create_trackers(names: list[str], run_dir: Path, resumed_at: int | None = None) -> list:
     """accelerate tracker objects for ``names``: TensorBoard under ``run_dir/tensorboard``, the CSV
     tracker under ``run_dir/csv``, the others under the project name ``sdsurgery`` (those that keep
-    files, under ``run_dir``)."""
+    files, under ``run_dir``). Resumed at update ``resumed_at``: the CSV rows and TensorBoard
+    events past it are dropped (the resumed run logs those steps again)."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
     check_available(names)
@@ -112,8 +113,9 @@ def create_trackers(names: list[str], run_dir: Path, resumed_at: int | None = No
     for name in dict.fromkeys(names):
         if name == "csv":
             out.append(CsvTracker(run_dir / "csv", resumed_at))
-        elif name == "tensorboard":
-            out.append(LOGGER_TYPE_TO_CLASS[name]("tensorboard", str(run_dir)))
+        elif name == "tensorboard":  # a resumed run hides the cut run's steps after its checkpoint
+            purge = {} if resumed_at is None else {"purge_step": resumed_at + 1}
+            out.append(LOGGER_TYPE_TO_CLASS[name]("tensorboard", str(run_dir), **purge))
         elif LOGGER_TYPE_TO_CLASS[name].requires_logging_directory:
             out.append(LOGGER_TYPE_TO_CLASS[name]("sdsurgery", str(run_dir)))
         else:
