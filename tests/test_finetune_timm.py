@@ -143,6 +143,23 @@ def test_timm_transforms_come_from_the_model_config_and_are_seeded(tmp_path, no_
     assert TimmTransforms().re_mode == "pixel"
 
 
+def test_a_model_built_for_another_size_is_one_line_before_anything_runs(tmp_path, no_md5):
+    """A ViT built for 16 px fed the data's 32 px images: timm's assertion in the first training
+    step was a traceback; now one line naming the size and the fix, and nothing written."""
+    write_cifar10(tmp_path / "data", n_train=12, n_test=4)
+    r = everything(tmp_path)
+    r["data"]["image_size"] = 32
+    out = runner.invoke(app, ["finetune", str(write(tmp_path, r))])
+    assert out.exit_code == 2 and out.stdout.count("\n") == 0, out.output
+    assert "cannot take the data's 32 px images: AssertionError" in out.stderr
+    assert "{img_size: 32}" in out.stderr
+    assert [p.name for p in (tmp_path / "run").rglob("*")] == [".lock"]  # the claim, emptied; nothing else
+    # the fix it names works
+    r["model"] = {**VIT, "kwargs": {**VIT["kwargs"], "img_size": 32}}
+    r["train"].update(epochs=1, max_steps_per_epoch=1)
+    assert runner.invoke(app, ["finetune", str(write(tmp_path, r))]).exit_code == 0
+
+
 def test_plateau_and_step_schedules_follow_timm(tmp_path, no_md5):
     write_cifar10(tmp_path / "data", n_train=24, n_test=4)
     r = everything(tmp_path, epochs=3)

@@ -456,6 +456,7 @@ class _Setup:
             raise WeightsError(f"{what}; train from random weights with --set model.pretrained=false, "
                                f"or give a local file with --set model.weights=FILE") from e
         splits = self._datasets(model)
+        self._check_input_size(model)
         model = self._gated(model)
         if t.grad_checkpointing:
             if not callable(getattr(model, "set_grad_checkpointing", None)):
@@ -464,6 +465,33 @@ class _Setup:
             # recomputed blocks replay their gate's decision: dropped branches stay skipped
             model.set_grad_checkpointing(True)
         self._build_loaders(model, splits)
+
+    def _check_input_size(self, model: nn.Module) -> None:
+        """One image at the data's size through the model, before anything is converted or
+        trained: a model built for another size fails here in one line, not in a traceback."""
+        def runs_at(size: int) -> Exception | None:
+            try:
+                with torch.no_grad():
+                    model(torch.zeros(1, 3, size, size))
+            except Exception as e:
+                return e
+            return None
+
+        size, was_training = self.preprocessing["image_size"], model.training
+        try:
+            model.eval()
+            error = runs_at(size)
+            if error is None:
+                return
+            cfg = getattr(model, "pretrained_cfg", None) or {}
+            other = int(cfg["input_size"][-1]) if "input_size" in cfg else None
+            takes = f" (it takes {other} px)" if other not in (None, size) and runs_at(other) is None else ""
+        finally:
+            model.train(was_training)
+        raise SurgeryError(f"model {self.recipe.model.name} cannot take the data's {size} px images{takes}: "
+                           f"{first_line(error, with_type=True).rstrip('.')}; set data.image_size to a size it "
+                           f"takes, or build it for {size} px with model.kwargs (timm ViTs: {{img_size: {size}}})"
+                           ) from error
 
     def _gated(self, model: nn.Module) -> nn.Module:
         """``model`` converted as the recipe says (at drop rate 0 when it warms up)."""
