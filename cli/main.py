@@ -507,18 +507,21 @@ def finetune(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (se
     table = Table(title=f"{recipe_obj.model.name} on {recipe_obj.data.dataset}")
     for col in ("model", "split", "top-1 %", "top-5 %", "loss"):
         table.add_column(col, justify="left" if col in ("model", "split") else "right")
-    rows = [("gated (eval mode)", result.gated), ("folded (plain architecture)", result.folded)]
+    sd = recipe_obj.stochastic_depth.enabled  # without it, nothing is gated or folded
+    rows = ([("gated (eval mode)", result.gated), ("folded (plain architecture)", result.folded)] if sd
+            else [("model (no stochastic depth)", result.folded)])
     if result.ema_folded is not None:
-        rows.append(("EMA folded", result.ema_folded))
+        rows.append(("EMA folded" if sd else "EMA", result.ema_folded))
     for name, m in rows:
         table.add_row(name, "test", f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['loss']:.4f}")
     console.print(table)
+    folded = ", folded" if sd else ""
     if result.best_val_top1 is not None:
         what = "the last epoch's EMA" if result.exported == "ema" else "the last epoch's model"
         console.print(f"best validation top-1 {result.best_val_top1:.2f}% at epoch {result.best_epoch} "
-                      f"(checkpoints/best); the exported model is {what}, folded", markup=False)
+                      f"(checkpoints/best); the exported model is {what}{folded}", markup=False)
     if result.ema_folded is not None:
-        console.print(f"exported: the {'EMA' if result.exported == 'ema' else 'model'}, folded "
+        console.print(f"exported: the {'EMA' if result.exported == 'ema' else 'model'}{folded} "
                       f"({result.exported_because})", markup=False)
     console.print(f"training time {result.train_seconds:.0f} s; model saved to {result.model_path}",
                   markup=False)

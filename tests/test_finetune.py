@@ -106,6 +106,19 @@ def test_finetune_svhn(tmp_path, no_md5):
     assert ev.exit_code == 0 and f"top-1 {result['folded']['top1']:.2f}%" in ev.output, ev.output
 
 
+def test_without_stochastic_depth_nothing_is_called_gated_or_folded(tmp_path, no_md5):
+    """stochastic_depth.enabled: false trains the plain model: the report names it so (it said
+    "gated" and "folded" twice over the same model), EMA rows likewise."""
+    write_cifar10(tmp_path / "data", n_train=16, n_test=8)
+    r = runner.invoke(app, ["finetune", str(recipe(tmp_path, "cifar10")), "--set", "train.epochs=1",
+                            "--set", "stochastic_depth.enabled=false", "--set", "ema.enabled=true"])
+    assert r.exit_code == 0, r.output
+    assert "model (no stochastic depth)" in r.output and "EMA " in r.output
+    assert "gated" not in r.output.split("on cifar10")[-1] and "folded" not in r.output, r.output
+    loaded = sdsurgery.load(tmp_path / "run" / "model.safetensors")
+    assert not any("Gate" in type(m).__name__ for m in loaded.modules())
+
+
 def test_imagefolder(tmp_path):
     from PIL import Image
     import numpy as np

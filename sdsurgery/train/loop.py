@@ -780,9 +780,10 @@ class _Run(_Setup, _Checkpointing, _Reporting):
                                                                  indent=2, allow_nan=False))
         accelerator.wait_for_everyone()
         if t.require_top1 is not None:
-            shown = {"gated": gated["top1"], "folded": folded_metrics["top1"]}
+            shown = ({"gated": gated["top1"], "folded": folded_metrics["top1"]} if sd.enabled
+                     else {"model": gated["top1"]})
             if exported == "ema":
-                shown["EMA folded"] = ema_metrics["top1"]
+                shown["EMA folded" if sd.enabled else "EMA"] = ema_metrics["top1"]
             worst = min(shown.values())
             if worst < t.require_top1:
                 listed = ", ".join(f"{k} {v:.2f}%" for k, v in shown.items())
