@@ -106,6 +106,26 @@ def _png(path):
     return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def test_a_tracker_that_cannot_start_is_one_line_and_the_new_run_leaves_nothing(tmp_path, monkeypatch):
+    """A tracker failing in its start (a tracking server out of reach, no login) was accelerate's
+    traceback after recipe.yaml was written; now one line naming it, the CSV tracker started
+    before it is closed, and the directory holds only its lock (the next run reuses it)."""
+    pytest.importorskip("tensorboard")
+    import torch.utils.tensorboard as tb
+
+    def unreachable(self, *a, **k):
+        raise OSError("tracking server unreachable")
+    monkeypatch.setattr(tb.SummaryWriter, "__init__", unreachable)
+    r = runner.invoke(app, ["finetune", str(recipe(tmp_path, log_with=["csv", "tensorboard"]))])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1, r.output
+    assert r.stderr.startswith("error: train.log_with: tensorboard did not start: OSError: tracking server "
+                               "unreachable; "), r.stderr
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+    monkeypatch.undo()
+    again = runner.invoke(app, ["finetune", str(recipe(tmp_path, log_with=["csv"]))])
+    assert again.exit_code == 0 and (tmp_path / "run" / "csv" / "train.csv").exists(), again.output
+
+
 def test_plot_a_run_and_the_gates(tmp_path):
     pytest.importorskip("matplotlib")
     r = runner.invoke(app, ["finetune", str(recipe(tmp_path, epochs=1))])

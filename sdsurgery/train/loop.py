@@ -309,9 +309,17 @@ class _Reporting:
         names = self.recipe.train.log_with
         if not names:
             return
+        if not self.main:
+            return
         at = self._update(self.state.epoch, self.state.step) if resumed else None
-        self.accelerator.log_with = trackers.create_trackers(names, self.run_dir, at) if self.main else []
-        self.accelerator.init_trackers("sdsurgery", config=trackers.flat_config(self.recipe.to_dict()))
+        config = trackers.flat_config(self.recipe.to_dict())
+        try:
+            started = trackers.start_trackers(trackers.create_trackers(names, self.run_dir, at), config)
+        except trackers.TrackerError:
+            if not resumed:  # a new run's directory held only the lock: leave it so
+                rundir.empty(self.run_dir)
+            raise
+        self.accelerator.trackers.extend(started)  # what accelerator.log writes to
 
     def _mean_loss(self, total: float, count: int) -> float | None:
         """The mean of a loss summed over ``count`` images on every process (a collective)."""

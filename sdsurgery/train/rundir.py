@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ try:
 except ImportError:  # Windows: no flock; runs are not locked there
     fcntl = None
 
-__all__ = ["LOCK", "METRICS", "STEPS", "RunDirError", "RunLock", "claim", "append_metrics", "truncate_metrics",
+__all__ = ["LOCK", "METRICS", "STEPS", "RunDirError", "RunLock", "claim", "empty", "append_metrics", "truncate_metrics",
            "json_safe"]
 
 LOCK = ".lock"
@@ -123,6 +124,18 @@ def claim(path: Path, *, resume: bool) -> tuple[RunLock, int]:
                     return got, n
                 got.release()
         n += 1
+
+
+def empty(directory: Path) -> None:
+    """Remove what a run wrote into ``directory``, keeping its lock: for a new run that failed
+    before training (``claim`` gave it a directory holding nothing but the lock)."""
+    for path in Path(directory).iterdir():
+        if path.name == LOCK:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def json_safe(value: Any) -> Any:

@@ -13,9 +13,9 @@ import importlib.util
 from pathlib import Path
 from typing import Any
 
-from ..errors import SurgeryError
+from ..errors import SurgeryError, first_line
 
-__all__ = ["TrackerError", "CsvTracker", "check_available", "create_trackers", "flat_config"]
+__all__ = ["TrackerError", "CsvTracker", "check_available", "create_trackers", "start_trackers", "flat_config"]
 
 # tracker name -> (module to import, pip package)
 _PACKAGES = {
@@ -113,6 +113,8 @@ def create_trackers(names: list[str], run_dir: Path, resumed_at: int | None = No
     for name in dict.fromkeys(names):
         if name == "csv":
             out.append(CsvTracker(run_dir / "csv", resumed_at))
+        elif name == "wandb":  # its files (offline runs, logs) in the run directory, not the cwd
+            out.append(LOGGER_TYPE_TO_CLASS[name]("sdsurgery", dir=str(run_dir)))
         elif name == "tensorboard":  # a resumed run hides the cut run's steps after its checkpoint
             purge = {} if resumed_at is None else {"purge_step": resumed_at + 1}
             out.append(LOGGER_TYPE_TO_CLASS[name]("tensorboard", str(run_dir), **purge))
@@ -121,6 +123,25 @@ def create_trackers(names: list[str], run_dir: Path, resumed_at: int | None = No
         else:
             out.append(LOGGER_TYPE_TO_CLASS[name]("sdsurgery"))
     return out
+
+
+def start_trackers(objects: list, config: dict[str, Any]) -> list:
+    """Start each tracker and give it the run's configuration, as ``accelerator.init_trackers``
+    does, one at a time so that a tracker failing to start (a tracking server out of reach, a
+    missing login) is one line naming it; those already started are finished."""
+    started: list = []
+    for tracker in objects:
+        try:
+            tracker.start()
+            tracker.store_init_configuration(config)
+        except Exception as e:
+            for done in started:
+                done.finish()
+            raise TrackerError(f"train.log_with: {tracker.name} did not start: {first_line(e, with_type=True)}; "
+                               f"fix its settings (environment variables, login) or drop it from "
+                               f"train.log_with") from e
+        started.append(tracker)
+    return started
 
 
 def flat_config(recipe: dict) -> dict[str, Any]:
