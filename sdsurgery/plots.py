@@ -91,7 +91,7 @@ def _panels(steps: list[dict], epochs: list[dict]) -> dict[str, tuple[str, str, 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """PNGs of a run (``loss``, ``top1``, ``lr``, ``drop_rate``, ``epoch_time`` and ``summary``
-    with all of them) in ``out_dir`` (default: ``RUN/plots``); returns the files written. A
+    with those that have data) in ``out_dir`` (default: ``RUN/plots``); returns the files written. A
     panel with no data (no validation split: top-1) is left out."""
     run_dir = Path(run_dir)
     steps = _read(run_dir / "steps.jsonl", ("step", "global_step"))
@@ -111,9 +111,11 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
             written.append(out / f"{name}.png")
         plt.close(fig)
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    for ax, (title, xlabel, lines, ylim) in zip(axes.flat, panels.values()):
+    filled = [p for p in panels.values() if any(xs for _, xs, _ in p[2])]  # no stochastic depth: no panel
+    for ax, (title, xlabel, lines, ylim) in zip(axes.flat, filled):
         _panel(ax, title, xlabel, lines, ylim)
-    axes.flat[-1].axis("off")
+    for ax in list(axes.flat)[len(filled):]:
+        ax.axis("off")
     fig.suptitle(f"{run_dir.name}")
     fig.tight_layout()
     fig.savefig(out / "summary.png", dpi=100)
