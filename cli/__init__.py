@@ -19,18 +19,20 @@ def _unraisable(unraisable) -> None:
     # Python swallows an exception raised where it cannot propagate (a weakref callback such as
     # importlib's module-lock cleanup, a __del__) and prints "Exception ignored in ...". A
     # KeyboardInterrupt from our handler lost that way would leave the command running: deliver
-    # the interrupt again, from a thread a moment later (Python runs the handler in the main
-    # thread once this hook has returned), and print nothing about the lost one.
+    # the interrupt again from a thread a moment later (in this thread, interrupt_main would run
+    # the handler at once, inside this hook) and print nothing about the lost one.
+    global _again
     if issubclass(unraisable.exc_type, KeyboardInterrupt) and _interrupted:
-        import os
+        import _thread
         import threading
-        again = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT))
-        again.daemon = True
-        again.start()
+        _again = threading.Timer(0.05, _thread.interrupt_main, (signal.SIGINT,))  # portable, unlike os.kill
+        _again.daemon = True
+        _again.start()
         return
     _chained_unraisable(unraisable)
 
 
+_again = None  # the pending re-delivery: cancelled when the command has ended
 _chained_unraisable = sys.unraisablehook
 
 
@@ -91,3 +93,6 @@ def run() -> None:
             raise
         sys.stderr.write("interrupted; nothing was written\n")
         sys.exit(130)
+    finally:
+        if _again is not None:  # not into the exit handlers (trackers flushing, ...)
+            _again.cancel()

@@ -151,13 +151,32 @@ def test_a_model_built_for_another_size_is_one_line_before_anything_runs(tmp_pat
     r["data"]["image_size"] = 32
     out = runner.invoke(app, ["finetune", str(write(tmp_path, r))])
     assert out.exit_code == 2 and out.stdout.count("\n") == 0, out.output
-    assert "cannot take the data's 32 px images: AssertionError" in out.stderr
+    assert "fails on one of the data's 32 px images: AssertionError" in out.stderr
     assert "{img_size: 32}" in out.stderr
     assert [p.name for p in (tmp_path / "run").rglob("*")] == [".lock"]  # the claim, emptied; nothing else
     # the fix it names works
     r["model"] = {**VIT, "kwargs": {**VIT["kwargs"], "img_size": 32}}
     r["train"].update(epochs=1, max_steps_per_epoch=1)
     assert runner.invoke(app, ["finetune", str(write(tmp_path, r))]).exit_code == 0
+
+
+def test_the_size_check_runs_the_model_as_training_will(tmp_path):
+    """The check feeds the model on its device under the run's autocast: a bf16 model trained
+    with mixed_precision bf16 passes it (a plain float32 probe called it a size problem)."""
+    (tmp_path / "factory.py").write_text(
+        "import torch\nfrom sdsurgery.zoo.cifar_resnet import CifarResNet\n"
+        "def build(num_classes=10):\n    return CifarResNet(3, num_classes=num_classes).to(torch.bfloat16)\n")
+    r = {"model": {"name": f"{tmp_path / 'factory.py'}:build"},
+         "data": {"dataset": "fake", "image_size": 16, "val_split": 8},
+         "train": {"epochs": 1, "batch_size": 8, "max_steps_per_epoch": 1, "mixed_precision": "bf16",
+                   "output_dir": str(tmp_path / "run")}}
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(True)  # another precision than the tests before
+    try:
+        out = runner.invoke(app, ["finetune", str(write(tmp_path, r)), "--trust-code"])
+    finally:
+        AcceleratorState._reset_state(True)
+    assert out.exit_code == 0, out.output
 
 
 def test_plateau_and_step_schedules_follow_timm(tmp_path, no_md5):

@@ -305,21 +305,33 @@ class _Reporting:
         return ctrl.calls, ctrl.ran
 
     def _start_trackers(self, resumed: bool) -> None:
-        """``train.log_with``'s trackers, logging through ``accelerator.log`` (main process)."""
+        """``train.log_with``'s trackers (main process), logging through ``accelerator.log``. A
+        tracker that cannot start ends the run on every process in one line; a new run's
+        directory is emptied back to its lock."""
         names = self.recipe.train.log_with
         if not names:
             return
-        if not self.main:
-            return
-        at = self._update(self.state.epoch, self.state.step) if resumed else None
-        config = trackers.flat_config(self.recipe.to_dict())
-        try:
-            started = trackers.start_trackers(trackers.create_trackers(names, self.run_dir, at), config)
-        except trackers.TrackerError:
-            if not resumed:  # a new run's directory held only the lock: leave it so
-                rundir.empty(self.run_dir)
-            raise
-        self.accelerator.trackers.extend(started)  # what accelerator.log writes to
+        failed: Exception | None = None
+        if self.main:
+            at = self._update(self.state.epoch, self.state.step) if resumed else None
+            try:
+                started = trackers.start_trackers(names, self.run_dir, at, trackers.flat_config(self.recipe.to_dict()))
+                self.accelerator.trackers.extend(started)  # what accelerator.log writes to
+            except trackers.TrackerError as e:
+                failed = e
+                if not resumed:
+                    try:
+                        rundir.empty(self.run_dir)
+                    except OSError:  # a tracker's own process still writing there: leave it
+                        pass
+        if self.accelerator.num_processes > 1:  # the other ranks stop too, instead of a collective failing
+            from accelerate.utils import broadcast
+            flag = broadcast(torch.tensor([int(failed is not None)], device=self.accelerator.device))
+            if failed is None and int(flag[0]):
+                raise trackers.TrackerError("train.log_with: the main process's trackers did not start "
+                                            "(its error says why)")
+        if failed is not None:
+            raise failed
 
     def _mean_loss(self, total: float, count: int) -> float | None:
         """The mean of a loss summed over ``count`` images on every process (a collective)."""
@@ -475,17 +487,21 @@ class _Setup:
         self._build_loaders(model, splits)
 
     def _check_input_size(self, model: nn.Module) -> None:
-        """One image at the data's size through the model, before anything is converted or
-        trained: a model built for another size fails here in one line, not in a traceback."""
+        """One image at the data's size through the model (on its device, under the run's
+        autocast), before anything is converted or trained: a model built for another size fails
+        here in one line, not in a traceback at the first step."""
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+
         def runs_at(size: int) -> Exception | None:
             try:
-                with torch.no_grad():
-                    model(torch.zeros(1, 3, size, size))
+                with torch.no_grad(), self.accelerator.autocast():
+                    model(torch.zeros(1, 3, size, size, device=device))
             except Exception as e:
                 return e
             return None
 
-        size, was_training = self.preprocessing["image_size"], model.training
+        size, modes = self.preprocessing["image_size"], [(m, m.training) for m in model.modules()]
         try:
             model.eval()
             error = runs_at(size)
@@ -493,13 +509,18 @@ class _Setup:
                 return
             cfg = getattr(model, "pretrained_cfg", None) or {}
             other = int(cfg["input_size"][-1]) if "input_size" in cfg else None
-            takes = f" (it takes {other} px)" if other not in (None, size) and runs_at(other) is None else ""
+            other_runs = other not in (None, size) and runs_at(other) is None
         finally:
-            model.train(was_training)
-        raise SurgeryError(f"model {self.recipe.model.name} cannot take the data's {size} px images{takes}: "
-                           f"{first_line(error, with_type=True).rstrip('.')}; set data.image_size to a size it "
-                           f"takes, or build it for {size} px with model.kwargs (timm ViTs: {{img_size: {size}}})"
-                           ) from error
+            for m, training in modes:
+                m.training = training
+        # the size is named as the cause only where another size runs
+        what, fix = ((f"cannot take the data's {size} px images (it takes {other} px)",
+                      f"set data.image_size: {other}") if other_runs else
+                     (f"fails on one of the data's {size} px images",
+                      "if it is built for another input size, set data.image_size to it"))
+        raise SurgeryError(f"model {self.recipe.model.name} {what}: {first_line(error, with_type=True).rstrip('.')}; "
+                           f"{fix}, or build it for {size} px with model.kwargs (timm ViTs: "
+                           f"{{img_size: {size}}})") from error
 
     def _gated(self, model: nn.Module) -> nn.Module:
         """``model`` converted as the recipe says (at drop rate 0 when it warms up)."""

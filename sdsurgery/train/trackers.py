@@ -125,22 +125,29 @@ def create_trackers(names: list[str], run_dir: Path, resumed_at: int | None = No
     return out
 
 
-def start_trackers(objects: list, config: dict[str, Any]) -> list:
-    """Start each tracker and give it the run's configuration, as ``accelerator.init_trackers``
-    does, one at a time so that a tracker failing to start (a tracking server out of reach, a
-    missing login) is one line naming it; those already started are finished."""
+def start_trackers(names: list[str], run_dir: Path, resumed_at: int | None, config: dict[str, Any]) -> list:
+    """``create_trackers``, each started and given the run's configuration, as
+    ``accelerator.init_trackers`` does, one at a time so that a tracker failing to build or start
+    (a tracking server out of reach, a missing login) is one line naming it; those already
+    started are finished (also on Ctrl-C)."""
     started: list = []
-    for tracker in objects:
-        try:
+    name = "a tracker"
+    try:
+        for tracker in create_trackers(names, run_dir, resumed_at):
+            name = tracker.name
             tracker.start()
+            started.append(tracker)
             tracker.store_init_configuration(config)
-        except Exception as e:
-            for done in started:
+    except BaseException as e:
+        for done in started:
+            try:
                 done.finish()
-            raise TrackerError(f"train.log_with: {tracker.name} did not start: {first_line(e, with_type=True)}; "
-                               f"fix its settings (environment variables, login) or drop it from "
-                               f"train.log_with") from e
-        started.append(tracker)
+            except Exception:  # the error that stopped the start is the one to report
+                pass
+        if isinstance(e, TrackerError) or not isinstance(e, Exception):
+            raise
+        raise TrackerError(f"train.log_with: {name} did not start: {first_line(e, with_type=True)}; fix its "
+                           f"settings (environment variables, login) or drop it from train.log_with") from e
     return started
 
 
