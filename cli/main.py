@@ -515,14 +515,12 @@ def finetune(recipe: Optional[Path] = typer.Argument(None, help="Recipe YAML (se
     for name, m in rows:
         table.add_row(name, "test", f"{m['top1']:.2f}", f"{m['top5']:.2f}", f"{m['loss']:.4f}")
     console.print(table)
-    folded = ", folded" if sd else ""
+    folded, which = (", folded" if sd else ""), ("EMA" if result.exported == "ema" else "model")
     if result.best_val_top1 is not None:
-        what = "the last epoch's EMA" if result.exported == "ema" else "the last epoch's model"
         console.print(f"best validation top-1 {result.best_val_top1:.2f}% at epoch {result.best_epoch} "
-                      f"(checkpoints/best); the exported model is {what}{folded}", markup=False)
+                      f"(checkpoints/best); the exported model is the last epoch's {which}{folded}", markup=False)
     if result.ema_folded is not None:
-        console.print(f"exported: the {'EMA' if result.exported == 'ema' else 'model'}{folded} "
-                      f"({result.exported_because})", markup=False)
+        console.print(f"exported: the {which}{folded} ({result.exported_because})", markup=False)
     console.print(f"training time {result.train_seconds:.0f} s; model saved to {result.model_path}",
                   markup=False)
 

@@ -102,16 +102,16 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     panels = _panels(steps, epochs)
-    written = []
-    for name, (title, xlabel, lines, ylim) in panels.items():
+    written, filled = [], []  # the panels with data (no stochastic depth: no drop-rate panel)
+    for name, panel in panels.items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        if _panel(ax, title, xlabel, lines, ylim):
+        if _panel(ax, *panel):
             fig.tight_layout()
             fig.savefig(out / f"{name}.png", dpi=100)
             written.append(out / f"{name}.png")
+            filled.append(panel)
         plt.close(fig)
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    filled = [p for p in panels.values() if any(xs for _, xs, _ in p[2])]  # no stochastic depth: no panel
     for ax, (title, xlabel, lines, ylim) in zip(axes.flat, filled):
         _panel(ax, title, xlabel, lines, ylim)
     for ax in list(axes.flat)[len(filled):]:

@@ -325,9 +325,9 @@ class _Reporting:
                     except OSError:  # a tracker's own process still writing there: leave it
                         pass
         if self.accelerator.num_processes > 1:  # the other ranks stop too, instead of a collective failing
-            from accelerate.utils import broadcast
-            flag = broadcast(torch.tensor([int(failed is not None)], device=self.accelerator.device))
-            if failed is None and int(flag[0]):
+            flag = torch.tensor([float(failed is not None)], device=self.accelerator.device)
+            any_failed = self.accelerator.reduce(flag, reduction="sum")[0] > 0  # on every rank
+            if failed is None and any_failed:
                 raise trackers.TrackerError("train.log_with: the main process's trackers did not start "
                                             "(its error says why)")
         if failed is not None:
